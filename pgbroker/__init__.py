@@ -1,0 +1,68 @@
+"""pgbroker: Celery's broker in PostgreSQL.
+
+Set ``broker_url = "pgbroker://user@host/db"``; nothing else changes. Importing
+this package is cheap: the public API below is loaded on first use.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import _pgbroker_alias
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Database",
+    "JobEngine",
+    "JobState",
+    "Job",
+    "Options",
+    "install_sql",
+    "migrate",
+    "PgBrokerError",
+    "MessageTooLarge",
+    "InvalidName",
+    "InvalidMessage",
+    "DatabaseUnavailable",
+    "SchemaNotReady",
+    "ConfigurationError",
+]
+
+_LAZY = {
+    "Database": "pgbroker.db",
+    "JobEngine": "pgbroker.engine",
+    "JobState": "pgbroker.types",
+    "Job": "pgbroker.types",
+    "Options": "pgbroker.config",
+    "install_sql": "pgbroker.schema",
+    "migrate": "pgbroker.schema",
+    "PgBrokerError": "pgbroker.errors",
+    "MessageTooLarge": "pgbroker.errors",
+    "InvalidName": "pgbroker.errors",
+    "InvalidMessage": "pgbroker.errors",
+    "DatabaseUnavailable": "pgbroker.errors",
+    "SchemaNotReady": "pgbroker.errors",
+    "ConfigurationError": "pgbroker.errors",
+}
+
+_pgbroker_alias.install()
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import Options
+    from .db import Database
+    from .engine import JobEngine
+    from .errors import (ConfigurationError, DatabaseUnavailable, InvalidMessage, InvalidName,
+                         MessageTooLarge, PgBrokerError, SchemaNotReady)
+    from .schema import install_sql, migrate
+    from .types import Job, JobState
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pgbroker' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,154 @@
+"""Transport options: one dataclass, its defaults, and how URLs become libpq conninfo.
+
+Celery users set these with ``broker_transport_options = {...}``; kombu users with
+``Connection(url, transport_options={...})``. Unknown keys are ignored (kombu passes
+Celery's own options through the same dict), bad values raise ConfigurationError.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigurationError, InvalidName
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: Queue and exchange names are stored as text parameters, never spliced into SQL,
+#: so almost anything is allowed; NUL cannot be stored in Postgres text.
+MAX_NAME_BYTES = 1024
+
+
+def validate_schema(name: str) -> str:
+    """Return ``name`` if it is a safe Postgres schema identifier, else raise InvalidName."""
+    if not isinstance(name, str) or not _SCHEMA_RE.match(name):
+        raise InvalidName(
+            f"schema (prefix) {name!r} must match {_SCHEMA_RE.pattern}: lower-case letters, "
+            f"digits and underscores, at most 63 bytes"
+        )
+    return name
+
+
+def validate_name(kind: str, name: str) -> str:
+    """Check a queue/exchange name before it is stored; returns it unchanged."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(f"{kind} name must be a non-empty string, got {name!r}")
+    if "\x00" in name:
+        raise InvalidName(f"{kind} name {name!r} contains a NUL byte")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidName(f"{kind} name is {len(name.encode())} bytes; the limit is {MAX_NAME_BYTES}")
+    return name
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every transport option, with its default. See the README's configuration table."""
+
+    #: Postgres schema holding pgbroker's tables; several instances can share a database.
+    schema: str = "pgbroker"
+    #: Apply missing migrations when a producer or worker first connects.
+    auto_migrate: bool = True
+    #: Longest a consumer sleeps between polls when no NOTIFY arrives (seconds).
+    polling_interval: float = 1.0
+    #: How often a consumer process writes its heartbeat (seconds).
+    heartbeat_interval: float = 5.0
+    #: A consumer whose heartbeat is older than this is dead; its jobs are rescued (seconds).
+    rescue_after: float = 20.0
+    #: Largest message body accepted at publish (bytes).
+    max_message_size: int = 10 * 1024 * 1024
+    #: Most jobs one claim takes when the consumer sets no prefetch limit.
+    batch_size: int = 100
+    #: Most acknowledgements written in one statement.
+    ack_batch_size: int = 500
+    #: Connections kept by the per-process pool.
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    #: Seconds to wait for a pooled connection before raising a connection error.
+    pool_timeout: float = 5.0
+    #: ``synchronous_commit`` for pgbroker's own connections (None: the server's setting).
+    synchronous_commit: str | None = None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "Options":
+        values = dict(values or {})
+        if "prefix" in values and "schema" not in values:
+            values["schema"] = values["prefix"]
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, f in known.items():
+            if name in values and values[name] is not None:
+                kwargs[name] = _coerce(name, f.type, values[name])
+        options = replace(cls(), **kwargs)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        validate_schema(self.schema)
+        for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.rescue_after < 2 * self.heartbeat_interval:
+            raise ConfigurationError(
+                f"rescue_after ({self.rescue_after}) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval}), or live consumers would be rescued"
+            )
+        for name in ("max_message_size", "batch_size", "ack_batch_size", "pool_min_size", "pool_max_size"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.pool_max_size < self.pool_min_size:
+            raise ConfigurationError("pool_max_size must be >= pool_min_size")
+        if self.synchronous_commit not in (None, "on", "off", "local", "remote_write", "remote_apply"):
+            raise ConfigurationError(f"synchronous_commit={self.synchronous_commit!r} is not a Postgres value")
+
+
+def _coerce(name: str, type_: Any, value: Any) -> Any:
+    kind = str(type_)
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"transport option {name}={value!r}: {exc}") from None
+
+
+def conninfo_from_url(url: str | None) -> str:
+    """Turn a ``pgbroker://`` (or ``pgbroker+postgresql://``) URL into a libpq URI.
+
+    Host, port, user, password, database and every libpq query parameter
+    (``sslmode``, ``connect_timeout``, ``application_name``, …) pass through; what
+    the URL leaves out, libpq takes from the standard ``PG*`` environment variables.
+    """
+    url = (url or "").strip()
+    if not url or url in ("pgbroker", "pgbroker://", "localhost"):
+        return "postgresql://"
+    if "://" not in url:
+        raise ConfigurationError(f"not a pgbroker URL: {mask_url(url)!r}")
+    scheme, rest = url.split("://", 1)
+    schemes = scheme.split("+")
+    if schemes[0] not in ("pgbroker", "postgresql", "postgres") or any(
+        s not in ("pgbroker", "postgresql", "postgres", "psycopg") for s in schemes
+    ):
+        raise ConfigurationError(f"unsupported URL scheme {scheme!r} in {mask_url(url)!r}")
+    return "postgresql://" + rest
+
+
+def mask_url(url: str, mask: str = "**") -> str:
+    """The URL with its password replaced by ``mask`` (also inside ``password=`` parameters)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":" + mask
+        netloc = f"{userinfo}@{host}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1" + mask, parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -1,0 +1,236 @@
+"""Connections: one psycopg pool per (process, database, schema), plus LISTEN connections.
+
+This module and :mod:`pgbroker.schema` are the only ones that hold psycopg
+connections. The pool is per process and forked children get their own: a
+connection inherited across ``fork()`` is never used nor closed by the child
+(closing it would end the parent's session).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from . import schema as _schema
+from .config import Options, mask_url
+from .errors import DatabaseUnavailable, SchemaNotReady
+from .sql import queries
+
+logger = logging.getLogger(__name__)
+
+_registry: dict[tuple[str, str], "Database"] = {}
+_registry_lock = threading.Lock()
+_inherited: list[Any] = []  # objects from the parent process, kept alive and untouched
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _inherited.extend(_registry.values())
+    _registry.clear()
+    _registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Database:
+    """A pooled connection to one pgbroker schema, with its named queries.
+
+    Use :meth:`get` to share one per process; every call borrows a connection
+    for one statement (autocommit) unless it runs inside :meth:`transaction`.
+    """
+
+    def __init__(self, conninfo: str, options: Options):
+        self.conninfo = conninfo
+        self.options = options
+        self.safe_url = mask_url(conninfo)
+        self.q = queries(options.schema)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self.pool = ConnectionPool(
+            conninfo,
+            min_size=options.pool_min_size,
+            max_size=options.pool_max_size,
+            timeout=options.pool_timeout,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            open=False,
+            name=f"pgbroker-{os.getpid()}",
+        )
+        self.pool.open(wait=False)
+
+    @classmethod
+    def get(cls, conninfo: str, options: Options) -> "Database":
+        """The process-wide Database for ``conninfo`` and ``options.schema``."""
+        key = (conninfo, options.schema)
+        with _registry_lock:
+            db = _registry.get(key)
+            if db is None:
+                db = _registry[key] = cls(conninfo, options)
+            return db
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        conn.execute("SET TIME ZONE 'UTC'")
+        if self.options.synchronous_commit:
+            conn.execute("SELECT set_config('synchronous_commit', %s, false)", (self.options.synchronous_commit,))
+
+    # -- readiness -----------------------------------------------------------------------------
+
+    def ensure_ready(self) -> None:
+        """Connect once and check the schema; migrate it when ``auto_migrate`` is on."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            with self.connection() as conn:
+                version = _schema.current_version(conn, self.options.schema)
+                if version < _schema.LATEST:
+                    if not self.options.auto_migrate:
+                        raise SchemaNotReady(
+                            f"schema {self.options.schema!r} in {self.safe_url} is at version {version}, "
+                            f"pgbroker needs {_schema.LATEST}: run `pgbroker migrate` "
+                            f"(or enable the auto_migrate transport option)"
+                        )
+                    applied = _schema.migrate(conn, self.options.schema)
+                    if applied:
+                        logger.info("pgbroker: applied migrations %s to %s", applied, self.safe_url)
+            self._ready = True
+
+    # -- statements ----------------------------------------------------------------------------
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """Borrow a pooled connection; driver errors leave as DatabaseUnavailable when the
+        server cannot be reached (with the URL's password masked)."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot use {self.safe_url}: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        with self.connection() as conn, conn.transaction():
+            yield conn
+
+    def fetchall(self, name: str, conn: psycopg.Connection | None = None, **params: Any) -> list[dict]:
+        """Run the named query and return its rows as dicts."""
+        if conn is not None:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(self.q[name], params)
+                return cur.fetchall() if cur.description else []
+        with self.connection() as c:
+            return self.fetchall(name, c, **params)
+
+    def fetchone(self, name: str, conn: psycopg.Connection | None = None, **params: Any) -> dict | None:
+        rows = self.fetchall(name, conn, **params)
+        return rows[0] if rows else None
+
+    def listener(self) -> "Listener":
+        return Listener(self)
+
+    def close(self) -> None:
+        self.pool.close()
+        with _registry_lock:
+            for key, db in list(_registry.items()):
+                if db is self:
+                    del _registry[key]
+
+
+class Listener:
+    """A dedicated autocommit connection that LISTENs to queue channels.
+
+    :meth:`wait` blocks on the server socket and on a wake-up pipe (so another
+    thread, e.g. an ack that frees prefetch room, can interrupt it) and never
+    busy-polls.
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._conn: psycopg.Connection | None = None
+        self._channels: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = psycopg.connect(self.db.conninfo, autocommit=True)
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(f"cannot LISTEN on {self.db.safe_url}: {exc}") from exc
+            for channel in self._channels:
+                self._conn.execute(f'LISTEN "{channel}"')
+        return self._conn
+
+    def listen(self, channels: Sequence[str]) -> None:
+        new = [c for c in channels if c not in self._channels]
+        self._channels.update(new)
+        if self._conn is not None and not self._conn.closed:
+            for channel in new:  # channel names are our own md5-based identifiers
+                self._conn.execute(f'LISTEN "{channel}"')
+
+    def unlisten(self, channels: Sequence[str]) -> None:
+        for channel in channels:
+            if channel in self._channels:
+                self._channels.discard(channel)
+                if self._conn is not None and not self._conn.closed:
+                    self._conn.execute(f'UNLISTEN "{channel}"')
+
+    def wake(self) -> None:
+        """Interrupt a :meth:`wait` in progress (safe from any thread)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full, the waiter will wake anyway
+
+    def wait(self, timeout: float) -> set[str]:
+        """Block up to ``timeout`` seconds for a notification or a wake-up.
+
+        Returns the channels that were notified (empty on timeout or wake-up).
+        Raises DatabaseUnavailable when the LISTEN connection is lost.
+        """
+        conn = self._connection()
+        try:
+            # Notifications may already sit in the driver's buffer (read along with an
+            # earlier reply), where select() cannot see them.
+            notified = {n.channel for n in conn.notifies(timeout=0)}
+            if notified:
+                return notified
+            ready, _, _ = select.select([conn.fileno(), self._wake_r], [], [], max(timeout, 0))
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if conn.fileno() in ready:
+                notified.update(n.channel for n in conn.notifies(timeout=0))
+            return notified
+        except (psycopg.OperationalError, ValueError, OSError) as exc:
+            self.close_connection()
+            raise DatabaseUnavailable(f"LISTEN connection to {self.db.safe_url} lost: {exc}") from exc
+
+    def close_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # pragma: no cover - best effort on a broken socket
+                pass
+            self._conn = None
+
+    def close(self) -> None:
+        self.close_connection()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

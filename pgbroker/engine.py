@@ -1,0 +1,293 @@
+"""The job engine: every operation on the jobs table, in terms of named queries.
+
+It knows kombu's message format (see :mod:`pgbroker.message`) but not Celery, and
+can be used and tested on its own::
+
+    engine = JobEngine(Database.get(conninfo, Options()))
+    engine.enqueue("default", {"body": "...", "headers": {}, "properties": {}})
+    deliveries = engine.claim(["default"], limit=10, consumer="me")
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue as _queue
+import threading
+import time
+import traceback as _traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Sequence
+
+import psycopg
+
+from .db import Database
+from .message import Row, from_row, to_row
+from .types import Job
+
+logger = logging.getLogger(__name__)
+
+
+def error_entry(attempt: int | None, error: str, tb: str | None = None) -> str:
+    """One ``errors`` entry as JSON: {attempt, at, error, traceback?}."""
+    entry: dict[str, Any] = {
+        "attempt": attempt,
+        "at": datetime.now(timezone.utc).isoformat(),
+        "error": error,
+    }
+    if tb:
+        entry["traceback"] = tb
+    return json.dumps(entry)
+
+
+def describe(exc: BaseException, with_traceback: bool = True) -> tuple[str, str | None]:
+    """(``repr``-like text, formatted traceback) of an exception, for ``errors`` entries."""
+    text = f"{type(exc).__name__}: {exc}"
+    tb = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__)) if with_traceback else None
+    return text, tb
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery (job id + attempt), written by the :class:`Settler`.
+
+    ``op`` is ``completed``, ``discarded``, ``cancelled``, ``acked`` (delivery acknowledged, task
+    still running) or ``error`` (append an error entry only, whatever the state).
+    """
+
+    job_id: int
+    attempt: int
+    op: str
+    error: str | None = None
+
+
+_RANK = {"acked": 1, "completed": 2, "discarded": 2, "cancelled": 2}
+
+
+class JobEngine:
+    """Operations on one schema's jobs, queues and consumers."""
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.schema = db.options.schema
+        self._settler: Settler | None = None
+        self._settler_lock = threading.Lock()
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def enqueue(self, queue: str, message: dict, conn: psycopg.Connection | None = None) -> int:
+        """Store one kombu message for ``queue``; returns the job id.
+
+        With ``conn``, the row is written on the caller's connection and so
+        belongs to the caller's transaction (and so does its NOTIFY).
+        """
+        return self.enqueue_many([(queue, message)], conn)[0]
+
+    def enqueue_many(
+        self, items: Sequence[tuple[str, dict]], conn: psycopg.Connection | None = None
+    ) -> list[int]:
+        """Store many messages in one statement; returns their job ids in order.
+
+        A Celery task id that appears twice in one call keeps only the last message.
+        """
+        limit = self.db.options.max_message_size
+        rows: dict[Any, Row] = {}
+        for i, (queue, message) in enumerate(items):
+            row = to_row(queue, message, limit)
+            rows[row.task_id if row.task_id is not None else ("anon", i)] = row
+        params = {
+            "task_ids": [r.task_id for r in rows.values()],
+            "queues": [r.queue for r in rows.values()],
+            "tasks": [r.task for r in rows.values()],
+            "priorities": [r.priority for r in rows.values()],
+            "scheduled": [r.scheduled_at for r in rows.values()],
+            "expires": [r.expires_at for r in rows.values()],
+            "retries": [r.retry for r in rows.values()],
+            "headers": [r.headers for r in rows.values()],
+            "properties": [r.properties for r in rows.values()],
+            "bodies": [r.body for r in rows.values()],
+            "content_types": [r.content_type for r in rows.values()],
+            "content_encodings": [r.content_encoding for r in rows.values()],
+        }
+        return [r["id"] for r in self.db.fetchall("enqueue", conn, **params)]
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    def claim(self, queues: Sequence[str], limit: int, consumer: str) -> list[tuple[dict, str]]:
+        """Claim up to ``limit`` available jobs of ``queues`` for ``consumer``.
+
+        Returns ``(kombu message dict, queue)`` pairs in delivery order
+        (priority, then age). The rows are ``executing`` and owned by ``consumer``.
+        """
+        rows = self.db.fetchall("claim", queues=list(queues), limit=limit, consumer=consumer)
+        rows.sort(key=lambda r: (-r["priority"], r["id"]))
+        return [(from_row(r), r["queue"]) for r in rows]
+
+    def requeue(self, job_id: int, attempt: int) -> bool:
+        """Make a delivery available again (redelivered); False if it was no longer ours."""
+        return bool(self.db.fetchone("requeue", id=job_id, attempt=attempt)["n"])
+
+    def settle(self, outcomes: Iterable[Outcome], conn: psycopg.Connection | None = None) -> None:
+        """Write outcomes now (the :class:`Settler` batches calls to this)."""
+        merged: dict[tuple[int, int], Outcome] = {}
+        errors: list[Outcome] = []
+        for o in outcomes:
+            if o.op == "error":
+                errors.append(o)
+                continue
+            key = (o.job_id, o.attempt)
+            prev = merged.get(key)
+            if prev is None or _RANK[o.op] >= _RANK[prev.op]:
+                merged[key] = o
+        if merged and errors and conn is None:
+            with self.db.transaction() as tx:
+                return self.settle([*merged.values(), *errors], tx)
+        if merged:
+            ms = list(merged.values())
+            self.db.fetchall(
+                "settle", conn,
+                ids=[o.job_id for o in ms], attempts=[o.attempt for o in ms],
+                ops=[o.op for o in ms], errors=[o.error for o in ms],
+            )
+        if errors:
+            self.db.fetchall(
+                "append_errors", conn, ids=[o.job_id for o in errors], errors=[o.error for o in errors]
+            )
+
+    @property
+    def settler(self) -> "Settler":
+        """This process's background writer of outcomes (started on first use)."""
+        if self._settler is None:
+            with self._settler_lock:
+                if self._settler is None:
+                    self._settler = Settler(self)
+        return self._settler
+
+    # -- time ------------------------------------------------------------------------------------
+
+    def stage(self, limit: int = 1000) -> int:
+        """Make due scheduled/retryable jobs available; returns how many."""
+        return self.db.fetchone("stage", limit=limit)["n"]
+
+    def next_due(self) -> float | None:
+        """Seconds until the next scheduled job is due (negative if overdue, None if none)."""
+        return self.db.fetchone("next_due")["seconds"]
+
+    def expire(self, limit: int = 1000) -> int:
+        """Cancel undelivered jobs whose ``expires`` has passed; returns how many."""
+        return self.db.fetchone("expire", limit=limit)["n"]
+
+    # -- consumers and rescue ----------------------------------------------------------------------
+
+    def register_consumer(self, consumer: str, hostname: str, pid: int) -> None:
+        self.db.fetchall("consumer_register", id=consumer, hostname=hostname, pid=pid)
+
+    def heartbeat(self, consumer: str) -> bool:
+        """Refresh a consumer's heartbeat; False if it had been declared dead."""
+        return self.db.fetchone("consumer_heartbeat", id=consumer) is not None
+
+    def unregister_consumer(self, consumer: str) -> None:
+        self.db.fetchall("consumer_unregister", id=consumer)
+
+    def rescue(self, after: float) -> dict[str, int]:
+        """Rescue the executing jobs of consumers silent for ``after`` seconds (or gone)."""
+        return self.db.fetchone("rescue", after=after)
+
+    # -- queues ------------------------------------------------------------------------------------
+
+    def declare_queue(self, queue: str, arguments: dict | None = None) -> None:
+        self.db.fetchall("queue_declare", queue=queue, arguments=json.dumps(arguments or {}, default=str))
+
+    def queue_exists(self, queue: str) -> bool:
+        return self.db.fetchone("queue_exists", queue=queue)["found"]
+
+    def queue_size(self, queue: str) -> int:
+        return self.db.fetchone("queue_size", queue=queue)["n"]
+
+    def purge(self, queue: str) -> int:
+        return self.db.fetchone("queue_purge", queue=queue)["n"]
+
+    def delete_queue(self, queue: str) -> int:
+        with self.db.transaction() as conn:
+            n = self.db.fetchone("queue_purge", conn, queue=queue)["n"]
+            self.db.fetchall("queue_delete", conn, queue=queue)
+        return n
+
+    # -- inspection --------------------------------------------------------------------------------
+
+    def jobs(self, task_ids: Sequence[str]) -> list[Job]:
+        """The job rows of these Celery task ids."""
+        return [Job.from_row(r) for r in self.db.fetchall("jobs_by_task_id", task_ids=list(task_ids))]
+
+    def recent_jobs(self, queue: str | None = None, limit: int = 20) -> list[Job]:
+        return [Job.from_row(r) for r in self.db.fetchall("jobs_recent", queue=queue, limit=limit)]
+
+    def state_counts(self) -> list[dict]:
+        return self.db.fetchall("state_counts")
+
+
+class Settler:
+    """Writes delivery outcomes in batches from a background thread (group commit).
+
+    An outcome is written as soon as the thread is free, together with everything
+    submitted while the previous batch was being written: one statement per batch
+    under load, one per outcome when idle. If the database is unreachable the
+    batch is kept and retried; outcomes never written (the process died) leave
+    their jobs ``executing`` for the rescuer, which redelivers them.
+    """
+
+    def __init__(self, engine: JobEngine):
+        self.engine = engine
+        self._queue: _queue.SimpleQueue[Outcome | None] = _queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="pgbroker-settler", daemon=True)
+        self._thread.start()
+
+    def submit(self, outcome: Outcome) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(outcome)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything submitted so far is written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _run(self) -> None:
+        limit = self.engine.db.options.ack_batch_size
+        backoff = 0.05
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < limit:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except _queue.Empty:
+                    break
+            while True:
+                try:
+                    self.engine.settle(batch)
+                    backoff = 0.05
+                    break
+                except Exception as exc:  # keep the batch: retry until the database is back
+                    logger.warning("pgbroker: writing %d outcomes failed (%s); retrying", len(batch), exc)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            with self._idle:
+                self._pending -= len(batch)
+                if not self._pending:
+                    self._idle.notify_all()
+
+
+def engine_for(db: Database) -> JobEngine:
+    """The process-wide JobEngine of a Database (one Settler per process and database)."""
+    engine = getattr(db, "_engine", None)
+    if engine is None:
+        engine = db._engine = JobEngine(db)
+    return engine

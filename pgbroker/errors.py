@@ -1,0 +1,54 @@
+"""pgbroker's exceptions.
+
+Every error pgbroker raises on purpose is a :class:`PgBrokerError`. Errors that
+mean "the database cannot be reached right now" are also listed in
+:data:`CONNECTION_ERRORS`, which the kombu transport declares as its
+``connection_errors`` so that kombu's and Celery's retry policies apply to them.
+"""
+from __future__ import annotations
+
+import psycopg
+
+
+class PgBrokerError(Exception):
+    """Base class of every error raised by pgbroker."""
+
+
+class ConfigurationError(PgBrokerError, ValueError):
+    """An option, URL or identifier is invalid (raised before anything is written)."""
+
+
+class InvalidName(ConfigurationError):
+    """A queue, exchange or schema name that pgbroker refuses to store or route."""
+
+
+class InvalidMessage(PgBrokerError, ValueError):
+    """A message that cannot be stored: bad eta/expires header, unserialisable headers, …"""
+
+
+class MessageTooLarge(InvalidMessage):
+    """The message body is larger than the ``max_message_size`` transport option."""
+
+    def __init__(self, size: int, limit: int, queue: str):
+        self.size, self.limit, self.queue = size, limit, queue
+        super().__init__(
+            f"message of {size} bytes for queue {queue!r} exceeds max_message_size={limit} "
+            f"bytes; raise the transport option or store the payload elsewhere and pass a reference"
+        )
+
+
+class SchemaNotReady(PgBrokerError):
+    """The database has no (or an older) pgbroker schema and auto-migration is off."""
+
+
+class DatabaseUnavailable(PgBrokerError, ConnectionError):
+    """The database could not be reached (wraps the driver's error, password masked)."""
+
+
+#: Errors kombu treats as "connection lost": Celery retries publishes and
+#: reconnects consumers when it sees one of these.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)

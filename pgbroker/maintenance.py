@@ -1,0 +1,103 @@
+"""Per-process background duties of a consuming process.
+
+One :class:`Maintainer` per process and database: it registers this process as a
+consumer, heartbeats, and on each tick stages due scheduled jobs, cancels
+expired ones and rescues the jobs of dead consumers. Every step is a single
+idempotent statement using SKIP LOCKED, so any number of processes can run it
+at once without a leader; leadership would only save queries.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from .engine import JobEngine
+
+logger = logging.getLogger(__name__)
+
+
+class Maintainer:
+    """Heartbeat + stager + expirer + rescuer thread for one consuming process."""
+
+    def __init__(self, engine: JobEngine):
+        self.engine = engine
+        self.options = engine.db.options
+        self.consumer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> str:
+        """Register this process (synchronously) and start the thread; returns the consumer id."""
+        with self._lock:
+            if self._thread is None:
+                self.engine.register_consumer(self.consumer_id, socket.gethostname(), os.getpid())
+                self._thread = threading.Thread(target=self._run, name="pgbroker-maintainer", daemon=True)
+                self._thread.start()
+                atexit.register(self.stop)
+        return self.consumer_id
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write pending outcomes, unregister, and release this process's unfinished jobs."""
+        with self._lock:
+            if self._thread is None or self._stop.is_set():
+                return
+            self._stop.set()
+        self._thread.join(timeout)
+        try:
+            self.engine.settler.flush(timeout)
+            self.engine.unregister_consumer(self.consumer_id)
+            self.engine.rescue(self.options.rescue_after)
+        except Exception as exc:  # the database may be gone; the rescuer elsewhere will do it
+            logger.warning("pgbroker: could not unregister consumer %s: %s", self.consumer_id, exc)
+
+    def beat(self) -> None:
+        """Heartbeat, then cancel expired jobs and rescue the jobs of dead consumers."""
+        engine, opts = self.engine, self.options
+        if not engine.heartbeat(self.consumer_id):
+            logger.warning("pgbroker: consumer %s had been declared dead; re-registering", self.consumer_id)
+            engine.register_consumer(self.consumer_id, socket.gethostname(), os.getpid())
+        engine.expire()
+        rescued = engine.rescue(opts.rescue_after)
+        if rescued["redelivered"] or rescued["discarded"]:
+            logger.warning(
+                "pgbroker: rescued jobs of %d dead consumer(s): %d redelivered, %d discarded",
+                rescued["dead"], rescued["redelivered"], rescued["discarded"],
+            )
+
+    def _run(self) -> None:
+        opts = self.options
+        next_beat = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_beat:
+                    self.beat()
+                    next_beat = time.monotonic() + opts.heartbeat_interval
+                self.engine.stage()
+                due = self.engine.next_due()
+                wait = min(opts.polling_interval, next_beat - time.monotonic())
+                if due is not None:
+                    wait = min(wait, due)
+            except Exception as exc:
+                logger.warning("pgbroker: maintenance failed (%s); retrying", exc)
+                wait = 1.0
+            # Overdue rows locked by another process's stager must not make us spin.
+            self._stop.wait(max(wait, 0.01))
+
+
+_maintainers: dict[int, Maintainer] = {}
+_lock = threading.Lock()
+
+
+def maintainer_for(engine: JobEngine) -> Maintainer:
+    """This process's Maintainer for ``engine``'s database (forked children get their own)."""
+    with _lock:
+        m = _maintainers.get(id(engine))
+        if m is None or m.engine is not engine:
+            m = _maintainers[id(engine)] = Maintainer(engine)
+        return m

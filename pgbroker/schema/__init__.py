@@ -1,0 +1,107 @@
+"""Versioned schema migrations: numbered ``NNNN_name.sql`` files in this package.
+
+:func:`migrate` applies the missing ones in one transaction under an advisory
+lock, so concurrent workers starting against an empty database agree, and
+records each version in ``<schema>.migrations``. It is idempotent.
+:func:`install_sql` returns the whole schema as a script for teams whose own
+migration tool (Alembic, Django) owns the database.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+
+import psycopg
+
+from ..config import validate_schema
+
+_FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+@cache
+def migrations() -> tuple[Migration, ...]:
+    """Every migration shipped with this version of pgbroker, in order."""
+    found = []
+    for entry in files(__package__).iterdir():
+        m = _FILE_RE.match(entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    return tuple(found)
+
+
+LATEST = migrations()[-1].version
+
+
+def render(sql: str, schema: str) -> str:
+    """Fill in ``{schema}`` (quoted identifier) and ``{schema_name}`` (string literal)."""
+    validate_schema(schema)
+    return sql.replace("{schema}", f'"{schema}"').replace("{schema_name}", f"'{schema}'")
+
+
+_PREAMBLE = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+def install_sql(schema: str = "pgbroker") -> str:
+    """The full schema as one SQL script (for Alembic/Django migrations or review)."""
+    parts = [render(_PREAMBLE, schema)]
+    for m in migrations():
+        parts.append(f"-- migration {m.version:04d} {m.name}\n" + render(m.sql, schema))
+        parts.append(
+            render("INSERT INTO {schema}.migrations (version, name) VALUES ", schema)
+            + f"({m.version}, '{m.name}') ON CONFLICT DO NOTHING;\n"
+        )
+    return "\n".join(parts)
+
+
+def current_version(conn: psycopg.Connection, schema: str) -> int:
+    """The highest applied migration, 0 for a database without pgbroker."""
+    validate_schema(schema)
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".migrations',)
+    ).fetchone()
+    if not row[0]:
+        return 0
+    return conn.execute(render("SELECT coalesce(max(version), 0) FROM {schema}.migrations", schema)).fetchone()[0]
+
+
+def migrate(conn: psycopg.Connection, schema: str = "pgbroker", target: int | None = None) -> list[int]:
+    """Apply missing migrations up to ``target`` (default: all); return the versions applied.
+
+    Runs in its own transaction on ``conn`` (which must not be inside one), holding
+    ``pg_advisory_xact_lock`` keyed by the schema so that only one process migrates.
+    """
+    validate_schema(schema)
+    applied: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgbroker.migrate.{schema}",))
+        conn.execute(render(_PREAMBLE, schema))
+        done = {
+            r[0] for r in conn.execute(render("SELECT version FROM {schema}.migrations", schema))
+        }
+        for m in migrations():
+            if m.version in done or (target is not None and m.version > target):
+                continue
+            conn.execute(render(m.sql, schema))
+            conn.execute(
+                render("INSERT INTO {schema}.migrations (version, name) VALUES (%s, %s)", schema),
+                (m.version, m.name),
+            )
+            applied.append(m.version)
+    return applied

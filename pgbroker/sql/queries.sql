@@ -1,0 +1,223 @@
+-- Every statement pgbroker runs against its tables, by name.
+-- Format: "-- name: <query>" then comment lines saying what and why, then the statement.
+-- {schema} is the validated, quoted schema; parameters are psycopg's %(name)s, never spliced.
+
+-- name: enqueue
+-- Insert messages (one or many, as parallel arrays). A Celery task id seen before is
+-- a retry: its row takes the new message instead of a second row being created,
+-- keeping attempt and errors (a cancelled job stays cancelled). Rows that are
+-- deliverable now wake their queue's listeners; NOTIFY is transactional, so a
+-- caller's rollback also takes the wake-up back.
+WITH input AS (
+    SELECT * FROM unnest(
+        %(task_ids)s::text[], %(queues)s::text[], %(tasks)s::text[], %(priorities)s::smallint[],
+        %(scheduled)s::timestamptz[], %(expires)s::timestamptz[], %(retries)s::boolean[],
+        %(headers)s::jsonb[], %(properties)s::jsonb[], %(bodies)s::text[],
+        %(content_types)s::text[], %(content_encodings)s::text[]
+    ) WITH ORDINALITY AS r(task_id, queue, task, priority, scheduled_at, expires_at, retry,
+                           headers, properties, body, content_type, content_encoding, ord)
+), ins AS (
+    INSERT INTO {schema}.jobs AS j (task_id, queue, task, state, priority, scheduled_at, expires_at,
+                                   headers, properties, body, content_type, content_encoding)
+    SELECT task_id, queue, task,
+           CASE WHEN scheduled_at > now() THEN
+                CASE WHEN retry THEN 'retryable' ELSE 'scheduled' END
+                ELSE 'available' END::{schema}.job_state,
+           priority, greatest(coalesce(scheduled_at, now()), now()), expires_at,
+           headers, properties, body, content_type, content_encoding
+    FROM input ORDER BY ord
+    ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
+        queue = excluded.queue, task = excluded.task, state = excluded.state,
+        priority = excluded.priority, scheduled_at = excluded.scheduled_at,
+        expires_at = excluded.expires_at, headers = excluded.headers,
+        properties = excluded.properties, body = excluded.body,
+        content_type = excluded.content_type, content_encoding = excluded.content_encoding,
+        attempted_by = NULL, acked = false, completed_at = NULL, discarded_at = NULL
+        WHERE j.state <> 'cancelled'
+    RETURNING j.id, j.queue, j.state
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (
+        SELECT DISTINCT queue FROM ins WHERE state = 'available'
+    ) q
+)
+SELECT ins.id FROM ins, (SELECT count(*) FROM woke) w;
+
+-- name: claim
+-- Take up to %(limit)s deliverable jobs of the given queues for one consumer, in
+-- delivery order, in one statement. SKIP LOCKED lets concurrent consumers take
+-- disjoint batches; the MATERIALIZED CTE keeps the planner from re-running the
+-- LIMITed subquery per row (which could update more rows than asked for).
+WITH picked AS MATERIALIZED (
+    SELECT id FROM {schema}.jobs
+    WHERE state = 'available' AND queue = ANY(%(queues)s::text[])
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.jobs AS j
+SET state = 'executing', attempt = j.attempt + 1, attempted_at = now(),
+    attempted_by = %(consumer)s, acked = false
+FROM picked WHERE j.id = picked.id
+RETURNING j.id, j.attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
+          j.properties::text AS properties, j.body, j.content_type, j.content_encoding;
+
+-- name: settle
+-- Record the outcome of deliveries, batched. Fenced by (id, attempt) and state:
+-- a delivery that was rescued or re-claimed since cannot change the row.
+-- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running).
+UPDATE {schema}.jobs AS j SET
+    state = CASE s.op WHEN 'acked' THEN j.state ELSE s.op::{schema}.job_state END,
+    acked = j.acked OR s.op = 'acked',
+    completed_at = CASE WHEN s.op = 'completed' THEN now() ELSE j.completed_at END,
+    discarded_at = CASE WHEN s.op = 'discarded' THEN now() ELSE j.discarded_at END,
+    cancelled_at = CASE WHEN s.op = 'cancelled' THEN now() ELSE j.cancelled_at END,
+    errors = CASE WHEN s.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(s.error) END
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[])
+     AS s(id, attempt, op, error)
+WHERE j.id = s.id AND j.attempt = s.attempt AND j.state = 'executing';
+
+-- name: append_errors
+-- Add error entries to jobs whatever their state (a retried attempt's error: the
+-- retry message has already moved the row on).
+UPDATE {schema}.jobs AS j SET errors = j.errors || e.entries
+FROM (
+    SELECT id, jsonb_agg(error ORDER BY ord) AS entries
+    FROM unnest(%(ids)s::bigint[], %(errors)s::jsonb[]) WITH ORDINALITY AS s(id, error, ord)
+    GROUP BY id
+) e
+WHERE j.id = e.id;
+
+-- name: requeue
+-- Give a delivery back (reject with requeue, channel closed with unacked messages):
+-- the job keeps its id, hence its place in the queue, and is marked redelivered.
+WITH back AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'available', redelivered = true, attempted_by = NULL, acked = false
+    WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.state = 'executing'
+    RETURNING j.queue
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM back
+)
+SELECT (SELECT count(*) FROM back) AS n, (SELECT count(*) FROM woke) AS woke;
+
+-- name: stage
+-- Make due scheduled/retryable jobs available and wake their queues.
+WITH due AS (
+    SELECT id FROM {schema}.jobs
+    WHERE state IN ('scheduled', 'retryable') AND scheduled_at <= now()
+    ORDER BY scheduled_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), staged AS (
+    UPDATE {schema}.jobs AS j SET state = 'available' FROM due WHERE j.id = due.id
+    RETURNING j.queue
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (SELECT DISTINCT queue FROM staged) q
+)
+SELECT (SELECT count(*) FROM staged) AS n, (SELECT count(*) FROM woke) AS woke;
+
+-- name: next_due
+-- Seconds until the earliest scheduled/retryable job is due (NULL when none).
+SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds
+FROM {schema}.jobs WHERE state IN ('scheduled', 'retryable');
+
+-- name: expire
+-- Cancel undelivered jobs whose Celery `expires` has passed, recording why.
+WITH gone AS (
+    UPDATE {schema}.jobs AS j SET state = 'cancelled', cancelled_at = now(),
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'at', now(),
+            'error', 'expired at ' || j.expires_at || ' before it was delivered'))
+    WHERE j.id IN (
+        SELECT id FROM {schema}.jobs
+        WHERE expires_at <= now() AND state IN ('available', 'scheduled', 'retryable')
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    )
+    RETURNING 1
+)
+SELECT count(*) AS n FROM gone;
+
+-- name: consumer_register
+INSERT INTO {schema}.consumers (id, hostname, pid) VALUES (%(id)s, %(hostname)s, %(pid)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
+
+-- name: consumer_heartbeat
+-- Returns no row when the consumer was declared dead meanwhile (it must re-register).
+UPDATE {schema}.consumers SET heartbeat_at = now() WHERE id = %(id)s RETURNING id;
+
+-- name: consumer_unregister
+DELETE FROM {schema}.consumers WHERE id = %(id)s;
+
+-- name: rescue
+-- Forget consumers that stopped heartbeating and take back every executing job
+-- whose owner is not a live consumer: it becomes available again (redelivered),
+-- or, if the worker had already acknowledged it (early ack: at-most-once), it is
+-- discarded with the reason. Live consumers keep their jobs however long they hold them.
+WITH dead AS (
+    DELETE FROM {schema}.consumers
+    WHERE heartbeat_at < now() - make_interval(secs => %(after)s)
+    RETURNING id
+), lost AS (
+    SELECT j.id FROM {schema}.jobs AS j
+    WHERE j.state = 'executing'
+      AND (j.attempted_by IN (SELECT id FROM dead)
+           OR NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.id = j.attempted_by))
+    FOR UPDATE OF j SKIP LOCKED
+), rescued AS (
+    UPDATE {schema}.jobs AS j SET
+        state = CASE WHEN j.acked THEN 'discarded' ELSE 'available' END::{schema}.job_state,
+        redelivered = true, attempted_by = NULL,
+        discarded_at = CASE WHEN j.acked THEN now() END,
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'at', now(), 'error',
+            CASE WHEN j.acked
+                 THEN 'worker lost after acknowledging the message (task_acks_late=False); not redelivered'
+                 ELSE 'worker lost: consumer ' || coalesce(j.attempted_by, '?') || ' stopped; redelivered'
+            END))
+    FROM lost WHERE j.id = lost.id
+    RETURNING j.queue, j.state
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (
+        SELECT DISTINCT queue FROM rescued WHERE state = 'available'
+    ) q
+)
+SELECT (SELECT count(*) FROM dead) AS dead,
+       (SELECT count(*) FROM rescued WHERE state = 'available') AS redelivered,
+       (SELECT count(*) FROM rescued WHERE state = 'discarded') AS discarded,
+       (SELECT count(*) FROM woke) AS woke;
+
+-- name: queue_declare
+INSERT INTO {schema}.queues (name, arguments) VALUES (%(queue)s, %(arguments)s::jsonb)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: queue_exists
+SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
+    OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s) AS found;
+
+-- name: queue_size
+-- Messages not yet delivered: available, plus scheduled/retryable ones waiting for their time.
+SELECT count(*) AS n FROM {schema}.jobs
+WHERE queue = %(queue)s AND state IN ('available', 'scheduled', 'retryable');
+
+-- name: queue_purge
+WITH gone AS (
+    DELETE FROM {schema}.jobs
+    WHERE queue = %(queue)s AND state IN ('available', 'scheduled', 'retryable')
+    RETURNING 1
+)
+SELECT count(*) AS n FROM gone;
+
+-- name: queue_delete
+DELETE FROM {schema}.queues WHERE name = %(queue)s;
+
+-- name: jobs_by_task_id
+SELECT * FROM {schema}.jobs WHERE task_id = ANY(%(task_ids)s::text[]) ORDER BY id;
+
+-- name: jobs_recent
+-- The newest jobs, optionally of one queue (for `pgbroker jobs` and the demo).
+SELECT * FROM {schema}.jobs
+WHERE %(queue)s::text IS NULL OR queue = %(queue)s
+ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: state_counts
+SELECT queue, state::text AS state, count(*) AS n FROM {schema}.jobs GROUP BY queue, state ORDER BY queue, state;

@@ -1,0 +1,160 @@
+"""Celery worker integration: the job row tells what really happened to the task.
+
+The transport sees deliveries and acks; only the worker knows whether a task
+succeeded, failed, was retried or revoked, and an early ack
+(``task_acks_late=False``) arrives before the task even starts. This module
+listens to Celery's task signals, in whichever process they fire (pool children
+included), and records the outcome on the job row through the
+:class:`~pgbroker.engine.Settler`, fenced by the delivery's (job id, attempt)
+which travels in the ``pgbroker_job`` message header.
+
+It is installed automatically for ``celery worker`` whose broker is a
+``pgbroker://`` URL (pgbroker registers a ``celery pgbroker`` command, and the
+``celery`` program imports it at start-up). A worker started from Python
+(``app.Worker(...)``, Celery's test worker) calls :func:`install` first.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps, signals
+from kombu import Connection
+from kombu.transport import resolve_transport
+
+from .config import Options, conninfo_from_url
+from .db import Database
+from .engine import JobEngine, Outcome, describe, engine_for, error_entry
+from .transport import Channel, Transport
+
+logger = logging.getLogger(__name__)
+
+_apps: dict[int, Any] = {}
+_engines: dict[tuple[int, int], JobEngine] = {}
+_lock = threading.Lock()
+
+
+def uses_pgbroker(app) -> bool:
+    """True when ``app``'s broker is the pgbroker transport."""
+    try:
+        conn = Connection(app.conf.broker_url, transport=app.conf.broker_transport)
+        cls = resolve_transport(conn.transport_cls)
+        return isinstance(cls, type) and issubclass(cls, Transport)
+    except Exception:
+        return False
+
+
+def install(app) -> None:
+    """Report task outcomes of ``app``'s tasks to their job rows. Idempotent."""
+    with _lock:
+        if id(app) in _apps:
+            return
+        _apps[id(app)] = app
+        Channel.task_outcomes_from_worker = True
+        app.steps["consumer"].add(TagRejections)
+
+
+def _engine(app) -> JobEngine:
+    import os
+
+    key = (id(app), os.getpid())
+    engine = _engines.get(key)
+    if engine is None:
+        options = Options.from_mapping(app.conf.broker_transport_options)
+        url = app.connection_for_write().hostname
+        engine = _engines[key] = engine_for(Database.get(conninfo_from_url(url), options))
+    return engine
+
+
+def _job_of(request) -> tuple[int, int] | None:
+    job = getattr(request, "pgbroker_job", None)
+    if job is None:
+        for attr in ("request_dict", "_request_dict"):
+            job = (getattr(request, attr, None) or {}).get("pgbroker_job")
+            if job is not None:
+                break
+    if not job:
+        return None
+    return int(job[0]), int(job[1])
+
+
+def _record(task, request, op: str, error: str | None = None, tb: str | None = None) -> None:
+    app = getattr(task, "app", None)
+    if app is None or id(app) not in _apps:
+        return
+    job = _job_of(request)
+    if job is None:
+        return
+    entry = error_entry(job[1], error, tb) if error else None
+    _engine(app).settler.submit(Outcome(job[0], job[1], op, entry))
+
+
+@signals.task_postrun.connect
+def _on_postrun(sender=None, state=None, **kwargs):
+    if state in ("SUCCESS", "IGNORED"):
+        _record(sender, sender.request, "completed")
+
+
+@signals.task_failure.connect
+def _on_failure(sender=None, exception=None, einfo=None, **kwargs):
+    text, tb = describe(exception, with_traceback=False)
+    _record(sender, sender.request, "discarded", text, getattr(einfo, "traceback", None))
+
+
+@signals.task_retry.connect
+def _on_retry(sender=None, request=None, reason=None, einfo=None, **kwargs):
+    exc = getattr(reason, "exc", None) or reason  # celery.exceptions.Retry wraps the cause
+    text = describe(exc, with_traceback=False)[0] if isinstance(exc, BaseException) else str(exc)
+    when = reason.humanize() if hasattr(reason, "humanize") else "retrying"
+    _record(sender, request, "error", f"{text} ({when})", getattr(einfo, "traceback", None))
+
+
+@signals.task_revoked.connect
+def _on_revoked(sender=None, request=None, terminated=None, expired=None, **kwargs):
+    why = "expired" if expired else ("terminated" if terminated else "revoked")
+    _record(sender, request, "cancelled", f"{why} by Celery remote control")
+
+
+@signals.worker_process_shutdown.connect
+def _on_process_shutdown(**kwargs):
+    for engine in list(_engines.values()):
+        engine.settler.flush()
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender=None, **kwargs):
+    app = getattr(sender, "app", None)
+    if app is not None and uses_pgbroker(app):
+        install(app)
+
+
+class TagRejections(bootsteps.Step):
+    """Consumer step: remember *why* Celery rejects a message, for the job's ``errors``.
+
+    Celery rejects unknown tasks, invalid messages and undecodable bodies
+    itself; it tells signals, not the transport, the reason. We wrap those
+    handlers (before the task consumer is created) to put the reason on the
+    message, where the transport's ack/reject picks it up.
+    """
+
+    name = "pgbroker.tag-rejections"
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        c.on_unknown_task = _tagging(c.on_unknown_task, lambda body, m, exc: f"unknown task: {exc!r}")
+        c.on_invalid_task = _tagging(c.on_invalid_task, lambda body, m, exc: f"invalid task message: {exc!r}")
+        c.on_unknown_message = _tagging(c.on_unknown_message, lambda body, m: "not a Celery task message")
+        c.on_decode_error = _tagging(
+            c.on_decode_error, lambda m, exc: f"undecodable message body ({m.content_type}): {exc!r}", first=0
+        )
+
+
+def _tagging(handler, reason, first: int = 1):
+    def tagged(*args):
+        message = args[first]
+        if getattr(message, "pgbroker_error", False) is None:
+            message.pgbroker_error = reason(*args)
+        return handler(*args)
+
+    return tagged
