@@ -114,6 +114,12 @@ class Database:
             with self.pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:
+            # After a server restart every idle pooled connection is dead: replace them
+            # now so that the caller's retry (kombu's, Celery's) gets a working one.
+            try:
+                self.pool.check()
+            except Exception:  # pragma: no cover - the server may still be down
+                pass
             raise DatabaseUnavailable(f"cannot use {self.safe_url}: {exc}") from exc
 
     @contextmanager

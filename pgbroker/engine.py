@@ -179,18 +179,17 @@ class JobEngine:
 
     # -- consumers and rescue ----------------------------------------------------------------------
 
-    def register_consumer(self, consumer: str, hostname: str, pid: int) -> None:
-        self.db.fetchall("consumer_register", id=consumer, hostname=hostname, pid=pid)
-
-    def heartbeat(self, consumer: str) -> bool:
-        """Refresh a consumer's heartbeat; False if it had been declared dead."""
-        return self.db.fetchone("consumer_heartbeat", id=consumer) is not None
+    def heartbeat(self, consumer: str, hostname: str, pid: int, connections: Sequence[str]) -> None:
+        """Register or refresh a consumer process and its open connections."""
+        self.db.fetchall(
+            "consumer_heartbeat", id=consumer, hostname=hostname, pid=pid, connections=list(connections)
+        )
 
     def unregister_consumer(self, consumer: str) -> None:
         self.db.fetchall("consumer_unregister", id=consumer)
 
     def rescue(self, after: float) -> dict[str, int]:
-        """Rescue the executing jobs of consumers silent for ``after`` seconds (or gone)."""
+        """Rescue executing jobs of processes silent for ``after`` seconds, or of closed connections."""
         return self.db.fetchone("rescue", after=after)
 
     # -- queues ------------------------------------------------------------------------------------

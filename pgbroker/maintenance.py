@@ -1,14 +1,16 @@
 """Per-process background duties of a consuming process.
 
 One :class:`Maintainer` per process and database: it registers this process as a
-consumer, heartbeats, and on each tick stages due scheduled jobs, cancels
-expired ones and rescues the jobs of dead consumers. Every step is a single
-idempotent statement using SKIP LOCKED, so any number of processes can run it
-at once without a leader; leadership would only save queries.
+consumer with the list of its open broker connections, heartbeats, and on each
+tick stages due scheduled jobs, cancels expired ones and rescues the jobs of
+dead consumers. Every step is a single idempotent statement using SKIP LOCKED,
+so any number of processes can run it at once without a leader; leadership
+would only save queries.
 """
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import socket
@@ -27,20 +29,38 @@ class Maintainer:
     def __init__(self, engine: JobEngine):
         self.engine = engine
         self.options = engine.db.options
-        self.consumer_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.hostname = socket.gethostname()
+        self.consumer_id = f"{self.hostname}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._connections: set[str] = set()
+        self._numbers = itertools.count(1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> str:
-        """Register this process (synchronously) and start the thread; returns the consumer id."""
+    def open_connection(self) -> str:
+        """Register a new broker connection of this process before it claims anything.
+
+        Returns the owner id its claims carry (``<consumer id>#<n>``). Starts the
+        maintenance thread on first use.
+        """
+        owner = f"{self.consumer_id}#{next(self._numbers)}"
         with self._lock:
+            self._connections.add(owner)
+            self._beat()
             if self._thread is None:
-                self.engine.register_consumer(self.consumer_id, socket.gethostname(), os.getpid())
                 self._thread = threading.Thread(target=self._run, name="pgbroker-maintainer", daemon=True)
                 self._thread.start()
                 atexit.register(self.stop)
-        return self.consumer_id
+        return owner
+
+    def close_connection(self, owner: str) -> None:
+        """Forget a closed connection: its unacknowledged jobs become rescuable at once."""
+        with self._lock:
+            self._connections.discard(owner)
+        try:
+            self._beat()
+        except Exception:  # the database may be what closed it; the thread will retry
+            pass
 
     def stop(self, timeout: float = 5.0) -> None:
         """Write pending outcomes, unregister, and release this process's unfinished jobs."""
@@ -56,17 +76,17 @@ class Maintainer:
         except Exception as exc:  # the database may be gone; the rescuer elsewhere will do it
             logger.warning("pgbroker: could not unregister consumer %s: %s", self.consumer_id, exc)
 
+    def _beat(self) -> None:
+        self.engine.heartbeat(self.consumer_id, self.hostname, os.getpid(), sorted(self._connections))
+
     def beat(self) -> None:
         """Heartbeat, then cancel expired jobs and rescue the jobs of dead consumers."""
-        engine, opts = self.engine, self.options
-        if not engine.heartbeat(self.consumer_id):
-            logger.warning("pgbroker: consumer %s had been declared dead; re-registering", self.consumer_id)
-            engine.register_consumer(self.consumer_id, socket.gethostname(), os.getpid())
-        engine.expire()
-        rescued = engine.rescue(opts.rescue_after)
+        self._beat()
+        self.engine.expire()
+        rescued = self.engine.rescue(self.options.rescue_after)
         if rescued["redelivered"] or rescued["discarded"]:
             logger.warning(
-                "pgbroker: rescued jobs of %d dead consumer(s): %d redelivered, %d discarded",
+                "pgbroker: rescued jobs (%d dead consumer(s)): %d redelivered, %d discarded",
                 rescued["dead"], rescued["redelivered"], rescued["discarded"],
             )
 

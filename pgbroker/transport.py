@@ -88,7 +88,7 @@ class Channel(virtual.Channel):
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         validate_name("queue", queue)
-        self.connection.consumer_id()  # registered before the first claim
+        self.connection.owner()  # registered before the first claim
         if no_ack:
             self._no_ack_queues.add(queue)
         self.connection.listener.listen([channel_name(self.engine.schema, queue)])
@@ -103,7 +103,7 @@ class Channel(virtual.Channel):
         return result
 
     def _claim(self, queues, limit):
-        deliveries = self.engine.claim(queues, limit, self.connection.consumer_id())
+        deliveries = self.engine.claim(queues, limit, self.connection.owner())
         for payload, queue in deliveries:
             if queue in self._no_ack_queues:  # nobody will ack: settle at delivery
                 job_id, attempt = payload["properties"]["delivery_info"]["pgbroker_job"]
@@ -191,6 +191,7 @@ class Transport(virtual.Transport):
         self.database = Database.get(conninfo_from_url(client.hostname), self.options)
         self.engine = engine_for(self.database)
         self._listener: Listener | None = None
+        self._owner: str | None = None
         self._declared: set[str] = set()
         self._waiting = False
 
@@ -209,10 +210,13 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection):
-        super().close_connection(connection)
+        super().close_connection(connection)  # closes channels: unacked deliveries are restored
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._owner is not None:
+            maintainer_for(self.engine).close_connection(self._owner)
+            self._owner = None
 
     @property
     def listener(self) -> Listener:
@@ -220,9 +224,11 @@ class Transport(virtual.Transport):
             self._listener = self.database.listener()
         return self._listener
 
-    def consumer_id(self) -> str:
-        """This process's consumer id (registers it and starts its maintenance thread)."""
-        return maintainer_for(self.engine).start()
+    def owner(self) -> str:
+        """The id this connection's claims carry (registered with the process's Maintainer)."""
+        if self._owner is None:
+            self._owner = maintainer_for(self.engine).open_connection()
+        return self._owner
 
     def wake(self) -> None:
         """Interrupt :meth:`drain_events` if it is waiting (called from any thread)."""

@@ -64,11 +64,15 @@ CREATE TABLE {schema}.queues (
     declared_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Live consumer processes; a consumer that stops heartbeating loses its executing jobs.
+-- Live consumer processes and their open broker connections. jobs.attempted_by is
+-- '<consumer id>#<connection>'. A job whose connection closed and that was never
+-- acknowledged goes back to its queue; a job of a process that stopped heartbeating
+-- is rescued whatever its state.
 CREATE TABLE {schema}.consumers (
     id           text PRIMARY KEY,
     hostname     text NOT NULL,
     pid          integer NOT NULL,
+    connections  text[] NOT NULL DEFAULT '{}',
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 );

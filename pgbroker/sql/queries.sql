@@ -137,31 +137,33 @@ WITH gone AS (
 )
 SELECT count(*) AS n FROM gone;
 
--- name: consumer_register
-INSERT INTO {schema}.consumers (id, hostname, pid) VALUES (%(id)s, %(hostname)s, %(pid)s)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
-
 -- name: consumer_heartbeat
--- Returns no row when the consumer was declared dead meanwhile (it must re-register).
-UPDATE {schema}.consumers SET heartbeat_at = now() WHERE id = %(id)s RETURNING id;
+-- Register or refresh a consumer process and the list of its open connections.
+INSERT INTO {schema}.consumers (id, hostname, pid, connections)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(connections)s::text[])
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), connections = excluded.connections;
 
 -- name: consumer_unregister
 DELETE FROM {schema}.consumers WHERE id = %(id)s;
 
 -- name: rescue
--- Forget consumers that stopped heartbeating and take back every executing job
--- whose owner is not a live consumer: it becomes available again (redelivered),
--- or, if the worker had already acknowledged it (early ack: at-most-once), it is
--- discarded with the reason. Live consumers keep their jobs however long they hold them.
+-- Forget consumer processes that stopped heartbeating, and take back executing jobs
+-- whose owner is gone: the process is dead, or (for a delivery never acknowledged)
+-- the connection that claimed it has closed. Such a job becomes available again,
+-- marked redelivered; one the worker had already acknowledged (early ack: at most
+-- once) and whose process died is discarded with the reason. Jobs of live
+-- connections stay theirs however long they are held.
 WITH dead AS (
     DELETE FROM {schema}.consumers
     WHERE heartbeat_at < now() - make_interval(secs => %(after)s)
     RETURNING id
 ), lost AS (
     SELECT j.id FROM {schema}.jobs AS j
+    LEFT JOIN {schema}.consumers AS c ON c.id = split_part(j.attempted_by, '#', 1)
     WHERE j.state = 'executing'
-      AND (j.attempted_by IN (SELECT id FROM dead)
-           OR NOT EXISTS (SELECT 1 FROM {schema}.consumers c WHERE c.id = j.attempted_by))
+      AND (c.id IS NULL
+           OR c.id IN (SELECT id FROM dead)
+           OR (NOT j.acked AND NOT j.attempted_by = ANY(c.connections)))
     FOR UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE {schema}.jobs AS j SET
@@ -172,7 +174,7 @@ WITH dead AS (
             'attempt', j.attempt, 'at', now(), 'error',
             CASE WHEN j.acked
                  THEN 'worker lost after acknowledging the message (task_acks_late=False); not redelivered'
-                 ELSE 'worker lost: consumer ' || coalesce(j.attempted_by, '?') || ' stopped; redelivered'
+                 ELSE 'delivery lost: ' || coalesce(j.attempted_by, '?') || ' went away; redelivered'
             END))
     FROM lost WHERE j.id = lost.id
     RETURNING j.queue, j.state

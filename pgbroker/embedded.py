@@ -1,0 +1,33 @@
+"""An embedded PostgreSQL for demos and tests on machines without one (needs ``pgbroker[embedded]``).
+
+pgserver ships PostgreSQL binaries in a wheel and starts a real server on a
+Unix socket in a data directory of ours; we keep it running across calls and
+processes (a second call reuses it) and stop it with :func:`stop`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DIR = Path(os.environ.get("PGBROKER_EMBEDDED_DIR", Path.cwd() / ".pgbroker-embedded"))
+
+
+def start(datadir: str | os.PathLike | None = None) -> str:
+    """Start (or reuse) the embedded server; returns a ``postgresql://`` URL for it."""
+    try:
+        import pgserver
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError("the embedded database needs `pip install pgbroker[embedded]`") from exc
+    path = Path(datadir or DEFAULT_DIR).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(path), cleanup_mode=None)
+    return server.get_uri()
+
+
+def stop(datadir: str | os.PathLike | None = None) -> None:
+    """Stop the embedded server if it runs (its data stays for the next start)."""
+    import pgserver
+
+    path = Path(datadir or DEFAULT_DIR).resolve()
+    if (path / "postmaster.pid").exists():
+        pgserver.get_server(str(path), cleanup_mode="stop").cleanup()

@@ -1,0 +1,197 @@
+"""Real `celery worker` processes (prefork and threads) against the pgbroker transport.
+
+Task code is plain Celery (tests/apps/celeryapp.py); only the broker URL points at
+Postgres. Each test reads the job rows to check they tell what really happened.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.acceptance
+
+
+def rows_by_task_id(sql, ids):
+    return {r["task_id"]: r for r in sql("SELECT * FROM {schema}.jobs WHERE task_id = ANY(%s)", list(ids))}
+
+
+def effects(sql, key=None, what=None):
+    rows = sql("SELECT key, what FROM {schema}.effects ORDER BY id")
+    return [r for r in rows if (key is None or r["key"] == key) and (what is None or r["what"] == what)]
+
+
+def wait_states(sql, ids, states=("completed",), timeout=60):
+    def done():
+        rows = rows_by_task_id(sql, ids)
+        return rows if len(rows) == len(ids) and all(r["state"] in states for r in rows.values()) else None
+
+    return wait_for(done, timeout, what=f"jobs {ids} to reach {states}")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_tasks_countdown_eta_routing_and_rows(celery_app, start_worker, sql, pool):
+    m = celery_app
+    now = datetime.now(timezone.utc)
+    plain = m.record.delay("plain")
+    countdown = m.record.apply_async(("countdown",), countdown=1.5)
+    eta = m.record.apply_async(("eta",), eta=now + timedelta(seconds=1.5))
+    routed = m.routed.delay("routed")  # task_routes -> routed-q, created on the fly
+    prio = m.record.apply_async(("prio",), priority=7)
+
+    rows = rows_by_task_id(sql, [countdown.id, eta.id])
+    assert {r["state"] for r in rows.values()} == {"scheduled"}  # stored, not in any worker
+    assert rows_by_task_id(sql, [prio.id])[prio.id]["priority"] == 7
+    assert rows_by_task_id(sql, [routed.id])[routed.id]["queue"] == "routed-q"
+
+    start_worker(pool=pool, queues="celery,routed-q")
+    ids = [plain.id, countdown.id, eta.id, routed.id, prio.id]
+    rows = wait_states(sql, ids)
+    for r in rows.values():
+        assert r["attempt"] == 1 and r["errors"] == [] and r["completed_at"] is not None
+    for tid in (countdown.id, eta.id):  # never delivered before due
+        assert rows[tid]["attempted_at"] >= rows[tid]["scheduled_at"]
+    assert sorted(e["key"] for e in effects(sql)) == ["countdown", "eta", "plain", "prio", "routed"]
+
+
+def test_expired_job_is_cancelled_not_delivered(celery_app, start_worker, sql):
+    job = celery_app.record.apply_async(("late",), expires=0.5)
+    wait_for(lambda: sql("SELECT now() > expires_at AS past FROM {schema}.jobs")[0]["past"], 10, what="expiry")
+    start_worker(pool="threads")
+    row = wait_states(sql, [job.id], ("cancelled",))[job.id]
+    assert row["attempt"] == 0 and "expired" in row["errors"][-1]["error"]
+    assert effects(sql, "late") == []
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_retries_keep_one_row_with_every_error(celery_app, start_worker, sql, pool):
+    m = celery_app
+    exhausted = m.always_fails.delay("x")   # autoretry_for + retry_backoff, max_retries=2
+    recovers = m.fails_twice.delay("y")     # self.retry(countdown=...) twice, then succeeds
+    start_worker(pool=pool)
+    rows = wait_states(sql, [exhausted.id], ("discarded",))
+    row = rows[exhausted.id]
+    assert row["attempt"] == 3
+    assert [e["attempt"] for e in row["errors"]] == [1, 2, 3]
+    assert all("boom x" in e["error"] for e in row["errors"])
+    assert "Traceback" in row["errors"][-1]["traceback"]
+    row = wait_states(sql, [recovers.id])[recovers.id]
+    assert row["attempt"] == 3 and [e["attempt"] for e in row["errors"]] == [1, 2]
+    assert "transient 0" in row["errors"][0]["error"] and "transient 1" in row["errors"][1]["error"]
+    assert len(effects(sql, "x", "attempt")) == 3 and len(effects(sql, "y", "done")) == 1
+    assert len(sql("SELECT 1 FROM {schema}.jobs")) == 2  # one row per task id across retries
+
+
+def test_unknown_task_and_undecodable_body_are_discarded(celery_app, start_worker, sql, connection):
+    unknown = celery_app.app.send_task("no.such.task", args=(1,))
+    # A well-formed Celery message whose JSON body cannot be decoded.
+    from kombu import Exchange, Queue
+
+    queue = Queue("celery", Exchange("celery"), "celery")
+    bad_id = "undecodable-1"
+    connection.Producer().publish(
+        b"{not json", exchange=queue.exchange, routing_key="celery", declare=[queue],
+        content_type="application/json", content_encoding="utf-8",
+        headers={"task": "tests.apps.celeryapp.record", "id": bad_id, "lang": "py", "retries": 0,
+                 "argsrepr": "", "kwargsrepr": "", "origin": "test"},
+    )
+    after = celery_app.record.delay("after")
+    start_worker(pool="prefork")
+    rows = wait_states(sql, [unknown.id, bad_id], ("discarded",))
+    assert "unknown task" in rows[unknown.id]["errors"][-1]["error"]
+    assert "no.such.task" in rows[unknown.id]["errors"][-1]["error"]
+    assert rows[bad_id]["errors"], rows[bad_id]
+    wait_states(sql, [after.id])  # the worker carried on
+
+
+def test_sigkill_mid_batch_of_acks_late_tasks(celery_app, start_worker, sql):
+    """Kill -9 a worker holding running and prefetched acks_late tasks: every task
+    completes once; finished ones never run again; lost ones show the rescue."""
+    m = celery_app
+    finished = [m.record.delay(f"early{i}") for i in range(3)]
+    wait_ids = [r.id for r in finished]
+    first = start_worker(pool="prefork", concurrency=2, name="victim")
+    wait_states(sql, wait_ids)  # outcomes are durable before the crash
+
+    gated = [m.gated.delay(f"g{i}") for i in range(8)]
+    gated_ids = [r.id for r in gated]
+    wait_for(lambda: len(effects(sql, what="started")) == 2, 30, what="two gated tasks running")
+    # In Celery's synchronous loop a prefork worker holds the running tasks plus those
+    # it has claimed but cannot hand to a busy pool yet.
+    executing = lambda: {r["task_id"] for r in sql("SELECT task_id FROM {schema}.jobs WHERE state = 'executing'")}
+    wait_for(lambda: len(executing()) >= 3, 30, what="running + prefetched jobs claimed")
+    first.kill()
+    lost = executing()
+
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    start_worker(pool="prefork", concurrency=2, name="rescuer")
+    rows = wait_states(sql, gated_ids, timeout=90)
+    for tid, r in rows.items():
+        if tid in lost:
+            assert r["attempt"] == 2 and r["redelivered"], r
+            assert "delivery lost" in r["errors"][-1]["error"]
+        else:
+            assert r["attempt"] == 1 and not r["redelivered"], r
+    for i in range(8):
+        assert len(effects(sql, f"g{i}", "done")) == 1
+    for i in range(3):
+        assert len(effects(sql, f"early{i}")) == 1  # completed before the crash: not run again
+    assert all(r["attempt"] == 1 for r in rows_by_task_id(sql, wait_ids).values())
+
+
+def test_live_worker_keeps_long_running_jobs(celery_app, start_worker, sql):
+    """Jobs held longer than rescue_after by a live worker are never rescued."""
+    m = celery_app
+    jobs = [m.gated.delay(f"long{i}") for i in range(4)]
+    start_worker(pool="threads", concurrency=2)
+    wait_for(lambda: len(effects(sql, what="started")) == 2, 30, what="two gated tasks running")
+    t0 = sql("SELECT now() AS t")[0]["t"]
+    # Let several heartbeat and rescue rounds pass (rescue_after is 2 s in the test app).
+    wait_for(lambda: sql("SELECT min(heartbeat_at) AS h FROM {schema}.consumers")[0]["h"] > t0 + timedelta(seconds=5),
+             30, what="5 s of heartbeats")
+    rows = rows_by_task_id(sql, [j.id for j in jobs])
+    assert all(r["state"] == "executing" and r["attempt"] == 1 and not r["redelivered"] for r in rows.values())
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    rows = wait_states(sql, [j.id for j in jobs])
+    assert all(r["attempt"] == 1 for r in rows.values())
+
+
+def test_row_is_executing_while_task_runs(celery_app, start_worker, sql):
+    job = celery_app.gated.delay("watch")
+    start_worker(pool="prefork", concurrency=1)
+    wait_for(lambda: effects(sql, "watch", "started"), 30, what="task started")
+    assert rows_by_task_id(sql, [job.id])[job.id]["state"] == "executing"
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    assert wait_states(sql, [job.id])[job.id]["completed_at"] is not None
+
+
+def test_worker_survives_database_connections_dropped(celery_app, start_worker, sql):
+    """Every server connection is terminated (as in a restart): the worker reconnects
+    unaided and loses nothing."""
+    m = celery_app
+    start_worker(pool="threads")
+    before = m.record.delay("before")
+    wait_states(sql, [before.id])
+    sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    after = [m.record.delay(f"after{i}") for i in range(5)]
+    wait_states(sql, [a.id for a in after], timeout=90)
+    assert sorted(e["key"] for e in effects(sql) if e["key"].startswith("after")) == [f"after{i}" for i in range(5)]
+
+
+def test_celery_purge(celery_app, sql, worker_env):
+    import subprocess
+    import sys
+    import os
+
+    for i in range(5):
+        celery_app.record.delay(f"p{i}")
+    celery_app.record.apply_async(("later",), countdown=600)
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.celeryapp", "purge", "-f"],
+                         env={**os.environ, **worker_env}, capture_output=True, text=True, timeout=60,
+                         cwd=str(__import__("tests.helpers").helpers.ROOT))
+    assert out.returncode == 0, out.stderr
+    assert "6 messages" in out.stdout, out.stdout
+    assert sql("SELECT count(*) AS n FROM {schema}.jobs")[0]["n"] == 0

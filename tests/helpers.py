@@ -1,0 +1,74 @@
+"""Test helpers: bounded waiting (never bare sleeps) and real worker processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {value!r})")
+        time.sleep(interval)
+
+
+class Worker:
+    """A real ``celery worker`` subprocess in its own process group, cleaned up by pid."""
+
+    def __init__(self, env: dict, app: str = "tests.apps.celeryapp", pool: str = "prefork",
+                 concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=()):
+        self.ready_file = Path(env["TEST_READY_DIR"]) / f"{name}.ready"
+        self.ready_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
+               "-n", f"{name}@%h", "-l", "info", "--without-mingle", "--without-gossip",
+               "--without-heartbeat", *extra]
+        if queues:
+            cmd += ["-Q", queues]
+        self.log_path = Path(env["TEST_READY_DIR"]) / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        self.env = {**os.environ, **env, "TEST_WORKER_NAME": name,
+                    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> "Worker":
+        wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None, timeout, what="worker ready")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+        return self
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children (a crash: no shutdown code runs)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown (SIGTERM to the main process), then SIGKILL the group if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        self.log.close()
