@@ -259,16 +259,29 @@ class Settler:
                 self._idle.wait(left)
         return True
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is pending, then stop the thread."""
+        self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         limit = self.engine.db.options.ack_batch_size
         backoff = 0.05
         while True:
-            batch = [self._queue.get()]
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
             while len(batch) < limit:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except _queue.Empty:
                     break
+                if item is None:  # close(): finish this batch first
+                    self._queue.put(None)
+                    break
+                batch.append(item)
             while True:
                 try:
                     self.engine.settle(batch)

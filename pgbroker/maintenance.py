@@ -121,3 +121,17 @@ def maintainer_for(engine: JobEngine) -> Maintainer:
         if m is None or m.engine is not engine:
             m = _maintainers[id(engine)] = Maintainer(engine)
         return m
+
+
+def shutdown(db) -> None:
+    """Stop this process's background work for ``db`` and close its pool (tests, embedding apps)."""
+    from .engine import engine_for
+
+    engine = engine_for(db)
+    with _lock:
+        m = _maintainers.pop(id(engine), None)
+    if m is not None and m.engine is engine:
+        m.stop()
+    if engine._settler is not None:
+        engine._settler.close()
+    db.close()

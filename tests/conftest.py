@@ -66,7 +66,10 @@ def transport_options(schema) -> dict:
 def db(database_url, transport_options) -> Database:
     database = Database.get(database_url, Options.from_mapping(transport_options))
     database.ensure_ready()
-    return database
+    yield database
+    from pgbroker.maintenance import shutdown
+
+    shutdown(database)
 
 
 @pytest.fixture
@@ -75,7 +78,7 @@ def engine(db):
 
 
 @pytest.fixture
-def connection(broker_url, transport_options):
+def connection(broker_url, transport_options, db):
     """A kombu Connection to the test schema."""
     with Connection(broker_url, transport_options=transport_options) as conn:
         yield conn

@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  make demo  |  make test
+# Each creates .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed-dev: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed-dev
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest
+
+demo: $(VENV)/.installed-dev
+	$(PY) examples/demo.py
+
+bench: $(VENV)/.installed-dev
+	$(PY) -m pip install -q -e '.[bench]'
+	bash bench/services.sh
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,109 @@
+"""`make demo`: a real Celery worker on pgbroker, tasks moving through their job states.
+
+With PGBROKER_URL unset it starts an embedded PostgreSQL (pgserver) in
+.pgbroker-embedded/. It runs `celery worker` on examples/shop.py, enqueues plain,
+countdown, retrying and failing tasks plus one for an unknown task, shows their
+job rows live in a table, then stops the worker and exits.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+SCHEMA = "pgbroker_demo"
+FINAL = {"completed", "discarded", "cancelled"}
+COLORS = {"available": "cyan", "scheduled": "blue", "executing": "yellow", "retryable": "magenta",
+          "completed": "green", "discarded": "red", "cancelled": "grey50"}
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def database_url() -> str:
+    url = os.environ.get("PGBROKER_URL")
+    if url:
+        return url
+    from pgbroker import embedded
+
+    console.print("[dim]PGBROKER_URL not set: starting an embedded PostgreSQL in .pgbroker-embedded/demo[/]")
+    return embedded.start(ROOT / ".pgbroker-embedded" / "demo")
+
+
+def table(rows, labels) -> Table:
+    t = Table(title="pgbroker jobs (live from Postgres)", expand=False)
+    for col in ("what", "task", "state", "attempt", "scheduled in", "last error"):
+        t.add_column(col)
+    now = time.time()
+    for r in rows:
+        due = r["scheduled_at"].timestamp() - now
+        err = r["errors"][-1]["error"] if r["errors"] else ""
+        t.add_row(labels.get(r["task_id"], "?"), r["task"], f"[{COLORS[r['state']]}]{r['state']}[/]",
+                  str(r["attempt"]), f"{due:.1f}s" if due > 0 and r["state"] != "completed" else "",
+                  err[:60])
+    return t
+
+
+def main() -> int:
+    url = database_url()
+    conninfo = "postgresql://" + url.split("://", 1)[1]
+    broker = "pgbroker://" + url.split("://", 1)[1]
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    env = {**os.environ, "BROKER_URL": broker, "PGBROKER_SCHEMA": SCHEMA,
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    os.environ.update(BROKER_URL=broker, PGBROKER_SCHEMA=SCHEMA)
+
+    import shop  # the plain Celery app
+
+    console.print(f"[bold]broker[/]: {shop.app.connection_for_write().as_uri()}  schema {SCHEMA}")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "shop", "worker", "-P", "threads", "-c", "2", "-l", "warning",
+         "--without-mingle", "--without-gossip", "--without-heartbeat", "-n", "demo@%h"],
+        cwd=HERE, env=env, start_new_session=True,
+    )
+    try:
+        labels = {
+            shop.add.delay(2, 3).id: "plain task",
+            shop.slow.delay(2).id: "slow task (2 s)",
+            shop.add.apply_async((4, 5), countdown=4).id: "countdown=4",
+            shop.charge.delay("order-17").id: "flaky: 2 retries, then ok",
+            shop.import_feed.delay("http://feeds.example/rss").id: "retries exhausted",
+            shop.app.send_task("shop.no_such_task").id: "unknown task",
+        }
+        with psycopg.connect(conninfo, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+            deadline = time.monotonic() + 90
+            with Live(console=console, refresh_per_second=8) as live:
+                while True:
+                    rows = conn.execute(f"SELECT * FROM {SCHEMA}.jobs WHERE task_id = ANY(%s) ORDER BY id",
+                                        (list(labels),)).fetchall()
+                    live.update(table(rows, labels))
+                    if len(rows) == len(labels) and all(r["state"] in FINAL for r in rows):
+                        break
+                    if worker.poll() is not None or time.monotonic() > deadline:
+                        console.print("[red]the demo did not finish in time[/]")
+                        return 1
+                    time.sleep(0.2)
+        console.print("[green]all jobs reached a final state.[/] Each row is one Celery task id, "
+                      "across its retries; `errors` holds every failed attempt.")
+        return 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

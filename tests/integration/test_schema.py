@@ -1,0 +1,63 @@
+"""Migrations against a real server."""
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from pgbroker import schema as S
+from pgbroker.config import Options
+from pgbroker.db import Database
+from pgbroker.errors import SchemaNotReady
+
+
+def test_migrate_is_idempotent_and_recorded(database_url, schema):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert S.current_version(conn, schema) == 0
+        assert S.migrate(conn, schema) == [m.version for m in S.migrations()]
+        assert S.migrate(conn, schema) == []
+        assert S.current_version(conn, schema) == S.LATEST
+
+
+def test_concurrent_migrations_agree(database_url, schema):
+    results, errors = [], []
+
+    def run():
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                results.append(S.migrate(conn, schema))
+        except Exception as exc:  # pragma: no cover - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(map(len, results)) == [0, 0, 0, len(S.migrations())]
+
+
+def test_install_sql_builds_the_same_schema(database_url, schema):
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(S.install_sql(schema))
+        assert S.current_version(conn, schema) == S.LATEST
+        assert S.migrate(conn, schema) == []
+
+
+def test_auto_migrate_off_gives_a_clear_error(database_url, schema):
+    db = Database(database_url, Options(schema=schema, auto_migrate=False))
+    try:
+        with pytest.raises(SchemaNotReady, match="pgbroker migrate"):
+            db.ensure_ready()
+    finally:
+        db.close()
+
+
+def test_notify_channel_matches_python(db, sql, schema):
+    from pgbroker.message import channel_name
+
+    for queue in ["celery", "x" * 300, "é🚀; drop"]:
+        got = sql("SELECT {schema}.notify_channel(%s) AS c", queue)[0]["c"]
+        assert got == channel_name(schema, queue)

@@ -1,0 +1,232 @@
+"""The kombu transport and the job engine against a real Postgres (no Celery worker)."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from kombu import Connection, Exchange, Queue
+
+from pgbroker.engine import Outcome
+from pgbroker.errors import MessageTooLarge
+from pgbroker.message import channel_name
+from tests.helpers import wait_for
+
+
+def publish(conn, queue_name, body, exchange="ex", **kwargs):
+    q = Queue(queue_name, Exchange(exchange), routing_key=queue_name)
+    conn.Producer().publish(body, exchange=q.exchange, routing_key=queue_name, declare=[q], **kwargs)
+    return q
+
+
+def consume(conn, queue, n, timeout=10, ack=True, **consumer_kwargs):
+    got = []
+
+    def on_message(body, message):
+        got.append((body, message))
+        if ack:
+            message.ack()
+
+    with conn.Consumer(queue, callbacks=[on_message], **consumer_kwargs):
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+    return got
+
+
+def jobs(sql):
+    return sql("SELECT * FROM {schema}.jobs ORDER BY id")
+
+
+def test_roundtrip_priority_order_and_ack(connection, sql, engine):
+    for i, prio in enumerate([0, 9, 5, 5, 1]):
+        q = publish(connection, "work", {"i": i}, priority=prio)
+    got = consume(connection, q, 5)
+    assert [b["i"] for b, _ in got] == [1, 2, 3, 4, 0]  # 9, 5, 5 (FIFO), 1, 0
+    engine.settler.flush()
+    assert {r["state"] for r in jobs(sql)} == {"completed"}
+    assert all(r["attempt"] == 1 for r in jobs(sql))
+
+
+def test_scheduled_rows_wait_until_due(connection, sql, engine):
+    eta = (datetime.now(timezone.utc) + timedelta(seconds=1)).isoformat()
+    q = publish(connection, "later", "x", headers={"id": "t-eta", "task": "t", "eta": eta})
+    assert jobs(sql)[0]["state"] == "scheduled"
+    assert engine.claim(["later"], 10, "nobody") == []  # not deliverable before it is due
+    got = consume(connection, q, 1, timeout=10)  # the consumer's maintainer stages it
+    assert got and got[0][0] == "x"
+    row = jobs(sql)[0]
+    assert row["attempted_at"] >= row["scheduled_at"]
+
+
+def test_expired_rows_are_cancelled_with_reason(connection, sql, engine):
+    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    publish(connection, "exp", "x", headers={"id": "t-exp", "task": "t", "expires": past})
+    assert engine.claim(["exp"], 10, "nobody") == []
+    assert engine.expire() == 1
+    row = jobs(sql)[0]
+    assert row["state"] == "cancelled" and "expired" in row["errors"][0]["error"] and row["attempt"] == 0
+
+
+def test_claims_are_sized_by_prefetch(connection, sql):
+    for i in range(10):
+        q = publish(connection, "pf", i)
+    channel = connection.channel()
+    channel.basic_qos(0, 3, False)
+    seen = []
+    consumer = connection.Consumer(q, channel=channel, callbacks=[lambda b, m: seen.append(m)])
+    consumer.consume()
+    connection.drain_events(timeout=5)
+    assert len(seen) == 3
+    assert [r["state"] for r in jobs(sql)].count("executing") == 3
+    channel.close()  # unacked deliveries are restored at once
+    assert [r["state"] for r in jobs(sql)].count("available") == 10
+    assert sum(r["redelivered"] for r in jobs(sql)) == 3
+
+
+def test_acks_are_fenced_by_attempt(engine, sql, connection):
+    publish(connection, "fence", "x")
+    [(payload, _)] = engine.claim(["fence"], 1, "old-owner")
+    job_id, attempt = payload["properties"]["delivery_info"]["pgbroker_job"]
+    assert engine.requeue(job_id, attempt)  # e.g. rescued
+    [(payload2, _)] = engine.claim(["fence"], 1, "new-owner")
+    assert payload2["properties"]["delivery_info"]["pgbroker_job"] == [job_id, attempt + 1]
+    engine.settle([Outcome(job_id, attempt, "completed")])  # the old owner's late ack
+    row = jobs(sql)[0]
+    assert (row["state"], row["attempt"], row["attempted_by"]) == ("executing", 2, "new-owner")
+    assert not engine.requeue(job_id, attempt)
+
+
+def test_reject_requeue_and_discard(connection, sql, engine):
+    q = publish(connection, "rej", "a")
+    publish(connection, "rej", "b")
+    got = consume(connection, q, 2, ack=False)
+    first, second = got[0][1], got[1][1]
+    first.reject(requeue=True)
+    second.reject(requeue=False)
+    engine.settler.flush()
+    rows = jobs(sql)
+    assert (rows[0]["state"], rows[0]["redelivered"]) == ("available", True)
+    assert rows[1]["state"] == "discarded" and "rejected" in rows[1]["errors"][0]["error"]
+    again = consume(connection, q, 1)
+    assert again[0][0] == "a" and again[0][1].delivery_info["redelivered"] is True
+
+
+def test_ack_from_another_thread(connection, sql, engine):
+    q = publish(connection, "thr", "x")
+    got = consume(connection, q, 1, ack=False)
+    t = threading.Thread(target=got[0][1].ack)
+    t.start()
+    t.join()
+    engine.settler.flush()
+    assert jobs(sql)[0]["state"] == "completed"
+
+
+def test_notify_wakes_a_waiting_consumer(broker_url, transport_options, sql):
+    """With a 30 s fallback poll, only NOTIFY can deliver within the bound."""
+    opts = {**transport_options, "polling_interval": 30.0}
+    with Connection(broker_url, transport_options=opts) as consumer_conn, \
+            Connection(broker_url, transport_options=opts) as producer_conn:
+        q = Queue("wake", Exchange("wake"), "wake")
+        got = []
+        with consumer_conn.Consumer(q, callbacks=[lambda b, m: (got.append(b), m.ack())]):
+            timer = threading.Timer(0.5, lambda: publish(producer_conn, "wake", "ping", exchange="wake"))
+            timer.start()
+            started = time.monotonic()
+            consumer_conn.drain_events(timeout=20)
+            assert got == ["ping"] and time.monotonic() - started < 10
+
+
+def test_hostile_names_are_stored_and_routed(connection, sql):
+    names = ["q'uote", 'dq"uote', "semi;colon", "'; DROP TABLE jobs; --", "é🚀队列", "n" * 200]
+    for name in names:
+        publish(connection, name, name, exchange=name)
+    for name in names:
+        got = consume(connection, Queue(name, Exchange(name), name), 1)
+        assert [b for b, _ in got] == [name]
+    assert {r["queue"] for r in jobs(sql)} == set(names)
+
+
+def test_oversized_message_is_refused_and_nothing_stored(broker_url, transport_options, sql):
+    with Connection(broker_url, transport_options={**transport_options, "max_message_size": 1000}) as conn:
+        with pytest.raises(MessageTooLarge, match="max_message_size=1000"):
+            publish(conn, "big", "x" * 2000)
+    assert jobs(sql) == []
+
+
+def test_database_down_at_publish_is_a_connection_error(transport_options):
+    """kombu (hence Celery's retry_policy) sees a connection error; the password never shows."""
+    from kombu.exceptions import OperationalError
+
+    url = "pgbroker://someone:s3cret@127.0.0.1:1/nowhere?connect_timeout=1"
+    with Connection(url, transport_options={**transport_options, "pool_timeout": 1}) as conn:
+        with pytest.raises(OperationalError) as err:
+            conn.ensure_connection(max_retries=1)
+        assert "s3cret" not in str(err.value) and "s3cret" not in str(err.value.__cause__)
+        with pytest.raises(conn.connection_errors) as err:
+            conn.transport.engine.enqueue("q", {"body": "x", "headers": {}, "properties": {}})
+        assert "s3cret" not in str(err.value) and "s3cret" not in conn.as_uri()
+
+
+def test_rescue_by_liveness(engine, sql, connection):
+    for i in range(3):
+        publish(connection, "resc", i)
+    engine.heartbeat("host/1/dead", "host", 1, ["host/1/dead#1"])
+    engine.heartbeat("host/2/live", "host", 2, ["host/2/live#1"])
+    dead = engine.claim(["resc"], 2, "host/1/dead#1")
+    live = engine.claim(["resc"], 1, "host/2/live#1")
+    dead_acked = dead[0][0]["properties"]["delivery_info"]["pgbroker_job"]
+    engine.settle([Outcome(*dead_acked, "acked")])
+    sql("UPDATE {schema}.consumers SET heartbeat_at = now() - interval '1 hour' WHERE pid = 1")
+    result = engine.rescue(after=60)
+    assert (result["dead"], result["redelivered"], result["discarded"]) == (1, 1, 1)
+    rows = {r["id"]: r for r in jobs(sql)}
+    assert rows[dead_acked[0]]["state"] == "discarded"
+    assert "task_acks_late=False" in rows[dead_acked[0]]["errors"][-1]["error"]
+    live_id = live[0][0]["properties"]["delivery_info"]["pgbroker_job"][0]
+    assert rows[live_id]["state"] == "executing"  # the live consumer keeps its job
+    # The live process closes that connection: its unacked job comes back at once.
+    engine.heartbeat("host/2/live", "host", 2, [])
+    assert engine.rescue(after=60)["redelivered"] == 1
+    assert {r["state"] for r in jobs(sql)} == {"available", "discarded"}
+
+
+def test_queue_size_purge_delete(connection, engine):
+    for i in range(4):
+        q = publish(connection, "pq", i)
+    publish(connection, "pq", "later", headers={"id": "later", "task": "t",
+                                                "eta": (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()})
+    channel = connection.default_channel
+    assert channel.queue_declare("pq", passive=True).message_count == 5
+    assert channel.queue_purge("pq") == 5
+    assert engine.queue_size("pq") == 0
+    with pytest.raises(Exception):
+        channel.queue_declare("never-declared", passive=True)
+
+
+def test_enqueue_in_a_rolled_back_transaction_leaves_nothing(engine, database_url, schema, sql):
+    message = {"body": "x", "headers": {}, "properties": {}}
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{channel_name(schema, "tx")}"')
+        with psycopg.connect(database_url) as conn:
+            engine.enqueue("tx", message, conn=conn)
+            conn.rollback()
+        assert jobs(sql) == []
+        assert list(listener.notifies(timeout=0.5)) == []
+        with psycopg.connect(database_url) as conn:
+            engine.enqueue("tx", message, conn=conn)
+            conn.commit()
+        assert len(list(listener.notifies(timeout=5, stop_after=1))) == 1
+    assert len(jobs(sql)) == 1
+
+
+def test_bulk_enqueue(engine, sql):
+    ids = engine.enqueue_many([("bulk", {"body": str(i), "headers": {}, "properties": {}}) for i in range(500)])
+    assert len(ids) == 500 and ids == sorted(ids)
+    claimed = engine.claim(["bulk"], 1000, "c")
+    assert [p["body"] for p, _ in claimed] == [str(i) for i in range(500)]
