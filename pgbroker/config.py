@@ -58,8 +58,11 @@ class Options:
     max_message_size: int = 10 * 1024 * 1024
     #: Most jobs one claim takes when the consumer sets no prefetch limit.
     batch_size: int = 100
-    #: Most acknowledgements written in one statement.
+    #: Most acknowledgements/outcomes written in one statement.
     ack_batch_size: int = 500
+    #: How long the outcome writer waits to fill a batch (seconds); acks free the
+    #: prefetch window at once, only the row update waits.
+    ack_linger: float = 0.005
     #: Connections kept by the per-process pool.
     pool_min_size: int = 1
     pool_max_size: int = 8
@@ -84,6 +87,8 @@ class Options:
 
     def validate(self) -> None:
         validate_schema(self.schema)
+        if self.ack_linger < 0:
+            raise ConfigurationError(f"ack_linger must be >= 0, got {self.ack_linger!r}")
         for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -140,6 +140,13 @@ class Database:
         rows = self.fetchall(name, conn, **params)
         return rows[0] if rows else None
 
+    def run_in_transaction(self, statements: Sequence[tuple[str, dict]]) -> None:
+        """Run named statements (results discarded) in one transaction and one round trip."""
+        with self.connection() as conn:
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                for name, params in statements:
+                    cur.execute(self.q[name], params)
+
     def listener(self) -> "Listener":
         return Listener(self)
 

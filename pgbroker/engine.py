@@ -15,7 +15,7 @@ import queue as _queue
 import threading
 import time
 import traceback as _traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
@@ -81,7 +81,8 @@ class JobEngine:
         With ``conn``, the row is written on the caller's connection and so
         belongs to the caller's transaction (and so does its NOTIFY).
         """
-        return self.enqueue_many([(queue, message)], conn)[0]
+        row = to_row(queue, message, self.db.options.max_message_size)
+        return self.db.fetchone("enqueue", conn, **vars(row))["id"]
 
     def enqueue_many(
         self, items: Sequence[tuple[str, dict]], conn: psycopg.Connection | None = None
@@ -95,21 +96,15 @@ class JobEngine:
         for i, (queue, message) in enumerate(items):
             row = to_row(queue, message, limit)
             rows[row.task_id if row.task_id is not None else ("anon", i)] = row
+        columns = {f.name: [getattr(r, f.name) for r in rows.values()] for f in fields(Row)}
         params = {
-            "task_ids": [r.task_id for r in rows.values()],
-            "queues": [r.queue for r in rows.values()],
-            "tasks": [r.task for r in rows.values()],
-            "priorities": [r.priority for r in rows.values()],
-            "scheduled": [r.scheduled_at for r in rows.values()],
-            "expires": [r.expires_at for r in rows.values()],
-            "retries": [r.retry for r in rows.values()],
-            "headers": [r.headers for r in rows.values()],
-            "properties": [r.properties for r in rows.values()],
-            "bodies": [r.body for r in rows.values()],
-            "content_types": [r.content_type for r in rows.values()],
-            "content_encodings": [r.content_encoding for r in rows.values()],
+            "task_ids": columns["task_id"], "queues": columns["queue"], "tasks": columns["task"],
+            "priorities": columns["priority"], "scheduled": columns["scheduled_at"],
+            "expires": columns["expires_at"], "retries": columns["retry"], "headers": columns["headers"],
+            "properties": columns["properties"], "bodies": columns["body"],
+            "content_types": columns["content_type"], "content_encodings": columns["content_encoding"],
         }
-        return [r["id"] for r in self.db.fetchall("enqueue", conn, **params)]
+        return [r["id"] for r in self.db.fetchall("enqueue_many", conn, **params)]
 
     # -- consuming -----------------------------------------------------------------------------
 
@@ -127,8 +122,13 @@ class JobEngine:
         """Make a delivery available again (redelivered); False if it was no longer ours."""
         return bool(self.db.fetchone("requeue", id=job_id, attempt=attempt)["n"])
 
-    def settle(self, outcomes: Iterable[Outcome], conn: psycopg.Connection | None = None) -> None:
-        """Write outcomes now (the :class:`Settler` batches calls to this)."""
+    def settle(self, outcomes: Iterable[Outcome]) -> None:
+        """Write outcomes now, in one transaction (the :class:`Settler` batches calls to this).
+
+        The commit does not wait for the WAL flush (``synchronous_commit=off`` for
+        this transaction only): a server crash can lose the last outcomes, whose
+        jobs then stay ``executing`` until rescued and redelivered (at least once).
+        """
         merged: dict[tuple[int, int], Outcome] = {}
         errors: list[Outcome] = []
         for o in outcomes:
@@ -139,20 +139,18 @@ class JobEngine:
             prev = merged.get(key)
             if prev is None or _RANK[o.op] >= _RANK[prev.op]:
                 merged[key] = o
-        if merged and errors and conn is None:
-            with self.db.transaction() as tx:
-                return self.settle([*merged.values(), *errors], tx)
+        statements: list[tuple[str, dict]] = [("relax_commit", {})]
         if merged:
             ms = list(merged.values())
-            self.db.fetchall(
-                "settle", conn,
-                ids=[o.job_id for o in ms], attempts=[o.attempt for o in ms],
-                ops=[o.op for o in ms], errors=[o.error for o in ms],
-            )
+            statements.append(("settle", {
+                "ids": [o.job_id for o in ms], "attempts": [o.attempt for o in ms],
+                "ops": [o.op for o in ms], "errors": [o.error for o in ms],
+            }))
         if errors:
-            self.db.fetchall(
-                "append_errors", conn, ids=[o.job_id for o in errors], errors=[o.error for o in errors]
-            )
+            statements.append(("append_errors", {
+                "ids": [o.job_id for o in errors], "errors": [o.error for o in errors],
+            }))
+        self.db.run_in_transaction(statements)
 
     @property
     def settler(self) -> "Settler":
@@ -228,9 +226,8 @@ class JobEngine:
 class Settler:
     """Writes delivery outcomes in batches from a background thread (group commit).
 
-    An outcome is written as soon as the thread is free, together with everything
-    submitted while the previous batch was being written: one statement per batch
-    under load, one per outcome when idle. If the database is unreachable the
+    A batch is what was submitted while the previous one was being written, plus
+    what arrives within ``ack_linger`` seconds: one transaction per batch. If the database is unreachable the
     batch is kept and retried; outcomes never written (the process died) leave
     their jobs ``executing`` for the rescuer, which redelivers them.
     """
@@ -267,15 +264,17 @@ class Settler:
 
     def _run(self) -> None:
         limit = self.engine.db.options.ack_batch_size
+        linger = self.engine.db.options.ack_linger
         backoff = 0.05
         while True:
             first = self._queue.get()
             if first is None:
                 return
             batch = [first]
+            deadline = time.monotonic() + linger
             while len(batch) < limit:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except _queue.Empty:
                     break
                 if item is None:  # close(): finish this batch first

@@ -52,7 +52,7 @@ def install(app) -> None:
             return
         _apps[id(app)] = app
         Channel.task_outcomes_from_worker = True
-        app.steps["consumer"].add(TagRejections)
+        app.steps["consumer"].add(WorkerHooks)
 
 
 def _engine(app) -> JobEngine:
@@ -68,7 +68,8 @@ def _engine(app) -> JobEngine:
 
 
 def _job_of(request) -> tuple[int, int] | None:
-    job = getattr(request, "pgbroker_job", None)
+    """(job id, attempt) of a Celery request context, Request or request dict."""
+    job = request.get("pgbroker_job") if isinstance(request, dict) else getattr(request, "pgbroker_job", None)
     if job is None:
         for attr in ("request_dict", "_request_dict"):
             job = (getattr(request, attr, None) or {}).get("pgbroker_job")
@@ -88,12 +89,6 @@ def _record(task, request, op: str, error: str | None = None, tb: str | None = N
         return
     entry = error_entry(job[1], error, tb) if error else None
     _engine(app).settler.submit(Outcome(job[0], job[1], op, entry))
-
-
-@signals.task_postrun.connect
-def _on_postrun(sender=None, state=None, **kwargs):
-    if state in ("SUCCESS", "IGNORED"):
-        _record(sender, sender.request, "completed")
 
 
 @signals.task_failure.connect
@@ -129,25 +124,53 @@ def _on_worker_init(sender=None, **kwargs):
         install(app)
 
 
-class TagRejections(bootsteps.Step):
-    """Consumer step: remember *why* Celery rejects a message, for the job's ``errors``.
+class WorkerHooks(bootsteps.Step):
+    """Consumer step: outcomes that only the worker's main process sees.
 
-    Celery rejects unknown tasks, invalid messages and undecodable bodies
-    itself; it tells signals, not the transport, the reason. We wrap those
-    handlers (before the task consumer is created) to put the reason on the
-    message, where the transport's ack/reject picks it up.
+    * Success: the pool hands each result back to the main process, which
+      records ``completed`` (batched with the acks) instead of every pool child
+      writing to the database.
+    * Rejections: Celery rejects unknown tasks, invalid messages and undecodable
+      bodies itself and tells signals, not the transport, why. We wrap those
+      handlers (before the task consumer is created) to put the reason on the
+      message, where the transport's ack/reject picks it up.
     """
 
-    name = "pgbroker.tag-rejections"
+    name = "pgbroker.worker-hooks"
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
+        if c.pool is not None:
+            c.pool.apply_async = _reporting_success(c.app, c.pool.apply_async)
         c.on_unknown_task = _tagging(c.on_unknown_task, lambda body, m, exc: f"unknown task: {exc!r}")
         c.on_invalid_task = _tagging(c.on_invalid_task, lambda body, m, exc: f"invalid task message: {exc!r}")
         c.on_unknown_message = _tagging(c.on_unknown_message, lambda body, m: "not a Celery task message")
         c.on_decode_error = _tagging(
             c.on_decode_error, lambda m, exc: f"undecodable message body ({m.content_type}): {exc!r}", first=0
         )
+
+
+def _reporting_success(app, apply_async):
+    """Wrap ``pool.apply_async`` so that a successful result completes its job row.
+
+    Celery calls it with ``args=(task name, task id, request dict, body, …)``; the
+    request dict carries our ``pgbroker_job`` header, and the callback receives
+    ``(failed, retval, runtime)`` in the main process whatever the pool.
+    """
+
+    def apply(target, args=None, kwargs=None, callback=None, **options):
+        job = _job_of(args[2]) if args and len(args) > 2 and isinstance(args[2], dict) else None
+        if job is not None and callback is not None:
+            on_result = callback
+
+            def callback(result, *a, **kw):
+                if not result[0]:
+                    _engine(app).settler.submit(Outcome(job[0], job[1], "completed"))
+                return on_result(result, *a, **kw)
+
+        return apply_async(target, args, kwargs, callback=callback, **options)
+
+    return apply
 
 
 def _tagging(handler, reason, first: int = 1):

@@ -7,17 +7,21 @@ from importlib.resources import files
 
 from ..schema import render
 
-_NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.M)
+_BLOCK_RE = re.compile(r"^-- (name|fragment): (\w+)\s*$", re.M)
 
 
 @cache
 def _raw() -> dict[str, str]:
     text = files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _NAME_RE.split(text)
-    queries = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    parts = _BLOCK_RE.split(text)
+    queries, fragments = {}, {}
+    for kind, name, body in zip(parts[1::3], parts[2::3], parts[3::3]):
         lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
-        queries[name] = "\n".join(lines).strip().rstrip(";")
+        (queries if kind == "name" else fragments)[name] = "\n".join(lines).strip().rstrip(";")
+    for name, sql in queries.items():
+        for fragment, text in fragments.items():
+            sql = sql.replace("{%s}" % fragment, text)
+        queries[name] = sql
     return queries
 
 

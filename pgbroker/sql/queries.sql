@@ -1,22 +1,15 @@
 -- Every statement pgbroker runs against its tables, by name.
 -- Format: "-- name: <query>" then comment lines saying what and why, then the statement.
+-- "-- fragment: <name>" defines text that queries include as {<name>}.
 -- {schema} is the validated, quoted schema; parameters are psycopg's %(name)s, never spliced.
 
--- name: enqueue
--- Insert messages (one or many, as parallel arrays). A Celery task id seen before is
--- a retry: its row takes the new message instead of a second row being created,
--- keeping attempt and errors (a cancelled job stays cancelled). Rows that are
--- deliverable now wake their queue's listeners; NOTIFY is transactional, so a
--- caller's rollback also takes the wake-up back.
-WITH input AS (
-    SELECT * FROM unnest(
-        %(task_ids)s::text[], %(queues)s::text[], %(tasks)s::text[], %(priorities)s::smallint[],
-        %(scheduled)s::timestamptz[], %(expires)s::timestamptz[], %(retries)s::boolean[],
-        %(headers)s::jsonb[], %(properties)s::jsonb[], %(bodies)s::text[],
-        %(content_types)s::text[], %(content_encodings)s::text[]
-    ) WITH ORDINALITY AS r(task_id, queue, task, priority, scheduled_at, expires_at, retry,
-                           headers, properties, body, content_type, content_encoding, ord)
-), ins AS (
+-- fragment: store_jobs
+-- The body shared by enqueue and enqueue_many, applied to a relation `input`.
+-- A Celery task id seen before is a retry: its row takes the new message instead
+-- of a second row being created, keeping attempt and errors (a cancelled job stays
+-- cancelled). Rows deliverable now wake their queue's listeners; NOTIFY is
+-- transactional, so a caller's rollback also takes the wake-up back.
+ins AS (
     INSERT INTO {schema}.jobs AS j (task_id, queue, task, state, priority, scheduled_at, expires_at,
                                    headers, properties, body, content_type, content_encoding)
     SELECT task_id, queue, task,
@@ -40,20 +33,51 @@ WITH input AS (
         SELECT DISTINCT queue FROM ins WHERE state = 'available'
     ) q
 )
-SELECT ins.id FROM ins, (SELECT count(*) FROM woke) w;
+SELECT ins.id FROM ins, (SELECT count(*) FROM woke) w
+
+-- name: enqueue
+-- Store one message (the publish hot path: VALUES plans much cheaper than unnest).
+WITH input AS (
+    SELECT * FROM (VALUES (
+        %(task_id)s::text, %(queue)s::text, %(task)s::text, %(priority)s::smallint,
+        %(scheduled_at)s::timestamptz, %(expires_at)s::timestamptz, %(retry)s::boolean,
+        %(headers)s::jsonb, %(properties)s::jsonb, %(body)s::text,
+        %(content_type)s::text, %(content_encoding)s::text, 1
+    )) AS r(task_id, queue, task, priority, scheduled_at, expires_at, retry,
+            headers, properties, body, content_type, content_encoding, ord)
+), {store_jobs};
+
+-- name: enqueue_many
+-- Store many messages in one statement (parallel arrays, one element per message).
+WITH input AS (
+    SELECT * FROM unnest(
+        %(task_ids)s::text[], %(queues)s::text[], %(tasks)s::text[], %(priorities)s::smallint[],
+        %(scheduled)s::timestamptz[], %(expires)s::timestamptz[], %(retries)s::boolean[],
+        %(headers)s::jsonb[], %(properties)s::jsonb[], %(bodies)s::text[],
+        %(content_types)s::text[], %(content_encodings)s::text[]
+    ) WITH ORDINALITY AS r(task_id, queue, task, priority, scheduled_at, expires_at, retry,
+                           headers, properties, body, content_type, content_encoding, ord)
+), {store_jobs};
 
 -- name: claim
 -- Take up to %(limit)s deliverable jobs of the given queues for one consumer, in
--- delivery order, in one statement. SKIP LOCKED lets concurrent consumers take
--- disjoint batches; the MATERIALIZED CTE keeps the planner from re-running the
--- LIMITed subquery per row (which could update more rows than asked for).
+-- delivery order, in one statement. Each queue is read through jobs_claim_idx in
+-- order (the LATERAL keeps the planner on the index whatever the statistics say);
+-- SKIP LOCKED lets concurrent consumers take disjoint batches; MATERIALIZED keeps
+-- the planner from re-running the LIMITed subquery per row (which could update
+-- more rows than asked for).
 WITH picked AS MATERIALIZED (
-    SELECT id FROM {schema}.jobs
-    WHERE state = 'available' AND queue = ANY(%(queues)s::text[])
-      AND (expires_at IS NULL OR expires_at > now())
-    ORDER BY priority DESC, id
+    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority FROM {schema}.jobs
+        WHERE state = 'available' AND queue = q.name
+          AND (expires_at IS NULL OR expires_at > now())
+        ORDER BY priority DESC, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.priority DESC, c.id
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
 )
 UPDATE {schema}.jobs AS j
 SET state = 'executing', attempt = j.attempt + 1, attempted_at = now(),
@@ -76,6 +100,11 @@ UPDATE {schema}.jobs AS j SET
 FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[])
      AS s(id, attempt, op, error)
 WHERE j.id = s.id AND j.attempt = s.attempt AND j.state = 'executing';
+
+-- name: relax_commit
+-- This transaction's commit need not wait for the WAL flush (outcome writes: a lost
+-- one only means a redelivery).
+SELECT set_config('synchronous_commit', 'off', true);
 
 -- name: append_errors
 -- Add error entries to jobs whatever their state (a retried attempt's error: the
