@@ -40,6 +40,7 @@ def test_tasks_countdown_eta_routing_and_rows(celery_app, start_worker, sql, poo
     eta = m.record.apply_async(("eta",), eta=now + timedelta(seconds=1.5))
     routed = m.routed.delay("routed")  # task_routes -> routed-q, created on the fly
     prio = m.record.apply_async(("prio",), priority=7)
+    explicit = m.record.apply_async(("explicit",), queue="routed-q")
 
     rows = rows_by_task_id(sql, [countdown.id, eta.id])
     assert {r["state"] for r in rows.values()} == {"scheduled"}  # stored, not in any worker
@@ -47,13 +48,13 @@ def test_tasks_countdown_eta_routing_and_rows(celery_app, start_worker, sql, poo
     assert rows_by_task_id(sql, [routed.id])[routed.id]["queue"] == "routed-q"
 
     start_worker(pool=pool, queues="celery,routed-q")
-    ids = [plain.id, countdown.id, eta.id, routed.id, prio.id]
+    ids = [plain.id, countdown.id, eta.id, routed.id, prio.id, explicit.id]
     rows = wait_states(sql, ids)
     for r in rows.values():
         assert r["attempt"] == 1 and r["errors"] == [] and r["completed_at"] is not None
     for tid in (countdown.id, eta.id):  # never delivered before due
         assert rows[tid]["attempted_at"] >= rows[tid]["scheduled_at"]
-    assert sorted(e["key"] for e in effects(sql)) == ["countdown", "eta", "plain", "prio", "routed"]
+    assert sorted(e["key"] for e in effects(sql)) == ["countdown", "eta", "explicit", "plain", "prio", "routed"]
 
 
 def test_expired_job_is_cancelled_not_delivered(celery_app, start_worker, sql):
@@ -195,3 +196,18 @@ def test_celery_purge(celery_app, sql, worker_env):
     assert out.returncode == 0, out.stderr
     assert "6 messages" in out.stdout, out.stdout
     assert sql("SELECT count(*) AS n FROM {schema}.jobs")[0]["n"] == 0
+
+
+def test_password_never_shown_by_celery_report(worker_env):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env = {**os.environ, **worker_env, "BROKER_URL": "pgbroker://app:s3cr3t-pw@127.0.0.1:5432/shop"}
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.celeryapp", "report"],
+                         env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "pgbroker://app:**@127.0.0.1:5432/shop" in out.stdout
+    assert "s3cr3t-pw" not in out.stdout + out.stderr
