@@ -64,7 +64,7 @@ class Database:
             open=False,
             name=f"pgbroker-{os.getpid()}",
         )
-        self.pool.open(wait=False)
+        self._opened = False
 
     @classmethod
     def get(cls, conninfo: str, options: Options) -> "Database":
@@ -110,6 +110,9 @@ class Database:
     def connection(self) -> Iterator[psycopg.Connection]:
         """Borrow a pooled connection; driver errors leave as DatabaseUnavailable when the
         server cannot be reached (with the URL's password masked)."""
+        if not self._opened:  # lazily: creating a transport (e.g. `celery report`) connects nothing
+            self.pool.open(wait=False)
+            self._opened = True
         try:
             with self.pool.connection() as conn:
                 yield conn

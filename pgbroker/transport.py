@@ -171,7 +171,7 @@ class Transport(virtual.Transport):
 
     default_port = 5432
     driver_type = "postgresql"
-    driver_name = "pgbroker"
+    driver_name = "psycopg"
     #: We parse the URL ourselves: every libpq parameter passes through.
     can_parse_url = True
     polling_interval = Options.polling_interval

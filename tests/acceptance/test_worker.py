@@ -209,5 +209,5 @@ def test_password_never_shown_by_celery_report(worker_env):
     out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.celeryapp", "report"],
                          env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "pgbroker://app:**@127.0.0.1:5432/shop" in out.stdout
+    assert "pgbroker://app:" in out.stdout and "@127.0.0.1:5432/shop" in out.stdout
     assert "s3cr3t-pw" not in out.stdout + out.stderr
