@@ -29,14 +29,12 @@ COLORS = {"available": "cyan", "scheduled": "blue", "executing": "yellow", "retr
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
-def database_url() -> str:
-    url = os.environ.get("PGBROKER_URL")
-    if url:
-        return url
-    from pgbroker import embedded
+EMBEDDED_DIR = ROOT / ".pgbroker-embedded" / "demo"
 
-    console.print("[dim]PGBROKER_URL not set: starting an embedded PostgreSQL in .pgbroker-embedded/demo[/]")
-    return embedded.start(ROOT / ".pgbroker-embedded" / "demo")
+
+def database_url() -> str | None:
+    """$PGBROKER_URL, or None: then the demo runs on an embedded PostgreSQL."""
+    return os.environ.get("PGBROKER_URL")
 
 
 def table(rows, labels) -> Table:
@@ -55,6 +53,18 @@ def table(rows, labels) -> Table:
 
 def main() -> int:
     url = database_url()
+    if url is None:
+        from pgbroker import embedded
+
+        console.print("[dim]PGBROKER_URL not set: starting an embedded PostgreSQL in .pgbroker-embedded/demo[/]")
+        try:
+            return run(embedded.start(EMBEDDED_DIR))
+        finally:
+            embedded.stop(EMBEDDED_DIR)
+    return run(url)
+
+
+def run(url: str) -> int:
     conninfo = "postgresql://" + url.split("://", 1)[1]
     broker = "pgbroker://" + url.split("://", 1)[1]
     with psycopg.connect(conninfo, autocommit=True) as conn:
