@@ -26,8 +26,9 @@ def start(datadir: str | os.PathLike | None = None) -> str:
 
 def stop(datadir: str | os.PathLike | None = None) -> None:
     """Stop the embedded server if it runs (its data stays for the next start)."""
-    import pgserver
+    from pgserver import pg_ctl
 
     path = Path(datadir or DEFAULT_DIR).resolve()
     if (path / "postmaster.pid").exists():
-        pgserver.get_server(str(path), cleanup_mode="stop").cleanup()
+        user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs it as this user under root
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
