@@ -208,32 +208,40 @@ class Listener:
         except BlockingIOError:
             pass  # the pipe is full, the waiter will wake anyway
 
+    def fds(self) -> tuple[int, int]:
+        """(LISTEN socket, wake-up pipe): what :meth:`wait` selects on."""
+        return self._connection().fileno(), self._wake_r
+
+    def consume(self) -> set[str]:
+        """Without blocking, take the notifications received and empty the wake-up pipe."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        try:
+            return {n.channel for n in self._connection().notifies(timeout=0)}
+        except (psycopg.OperationalError, ValueError, OSError) as exc:
+            self.close_connection()
+            raise DatabaseUnavailable(f"LISTEN connection to {self.db.safe_url} lost: {exc}") from exc
+
     def wait(self, timeout: float) -> set[str]:
         """Block up to ``timeout`` seconds for a notification or a wake-up.
 
         Returns the channels that were notified (empty on timeout or wake-up).
         Raises DatabaseUnavailable when the LISTEN connection is lost.
         """
-        conn = self._connection()
-        try:
-            # Notifications may already sit in the driver's buffer (read along with an
-            # earlier reply), where select() cannot see them.
-            notified = {n.channel for n in conn.notifies(timeout=0)}
-            if notified:
-                return notified
-            ready, _, _ = select.select([conn.fileno(), self._wake_r], [], [], max(timeout, 0))
-            if self._wake_r in ready:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-            if conn.fileno() in ready:
-                notified.update(n.channel for n in conn.notifies(timeout=0))
+        # Notifications may already sit in the driver's buffer (read along with an
+        # earlier reply), where select() cannot see them.
+        notified = self.consume()
+        if notified:
             return notified
-        except (psycopg.OperationalError, ValueError, OSError) as exc:
+        try:
+            select.select(list(self.fds()), [], [], max(timeout, 0))
+        except (ValueError, OSError) as exc:
             self.close_connection()
             raise DatabaseUnavailable(f"LISTEN connection to {self.db.safe_url} lost: {exc}") from exc
+        return self.consume()
 
     def close_connection(self) -> None:
         if self._conn is not None:
