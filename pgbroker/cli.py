@@ -11,9 +11,12 @@ import sys
 
 import click
 
-from . import worker as _worker  # noqa: F401  (connects the worker_init hook)
+# Importing pgbroker.worker connects its worker_init hook (see the module docstring).
+from .worker import install as install_worker
 from .config import Options, conninfo_from_url, mask_url
 from .errors import PgBrokerError
+
+__all__ = ["main", "celery_command", "install_worker"]
 
 URL_HELP = "Database URL (pgbroker:// or postgresql://); default: $PGBROKER_URL, then libpq's PG* variables."
 

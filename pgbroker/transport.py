@@ -110,6 +110,12 @@ class Channel(virtual.Channel):
                 self.engine.settler.submit(Outcome(job_id, attempt, "completed"))
         return deliveries
 
+    def basic_get(self, queue, no_ack=False, **kwargs):
+        message = super().basic_get(queue, no_ack, **kwargs)
+        if message is not None and no_ack:  # nobody will ack it
+            self._settle(message, "completed")
+        return message
+
     def _get(self, queue, timeout=None):
         deliveries = self._claim([queue], 1)
         if not deliveries:

@@ -3,10 +3,11 @@
 The transport sees deliveries and acks; only the worker knows whether a task
 succeeded, failed, was retried or revoked, and an early ack
 (``task_acks_late=False``) arrives before the task even starts. This module
-listens to Celery's task signals, in whichever process they fire (pool children
-included), and records the outcome on the job row through the
-:class:`~pgbroker.engine.Settler`, fenced by the delivery's (job id, attempt)
-which travels in the ``pgbroker_job`` message header.
+records the outcome on the job row through the :class:`~pgbroker.engine.Settler`,
+fenced by the delivery's (job id, attempt), which travels in the ``pgbroker_job``
+message header: success from the worker's main process (:class:`WorkerHooks`),
+failures, retries and revokes from Celery's signals wherever they fire (pool
+children included).
 
 It is installed automatically for ``celery worker`` whose broker is a
 ``pgbroker://`` URL (pgbroker registers a ``celery pgbroker`` command, and the
@@ -16,6 +17,7 @@ It is installed automatically for ``celery worker`` whose broker is a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -56,8 +58,6 @@ def install(app) -> None:
 
 
 def _engine(app) -> JobEngine:
-    import os
-
     key = (id(app), os.getpid())
     engine = _engines.get(key)
     if engine is None:

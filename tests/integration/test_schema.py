@@ -61,3 +61,24 @@ def test_notify_channel_matches_python(db, sql, schema):
     for queue in ["celery", "x" * 300, "é🚀; drop"]:
         got = sql("SELECT {schema}.notify_channel(%s) AS c", queue)[0]["c"]
         assert got == channel_name(schema, queue)
+
+
+def test_url_parameters_and_pg_environment(database_url, schema, monkeypatch):
+    """`pgbroker://` alone takes everything from libpq's PG* variables; URL parameters pass through."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(database_url)
+    for key, env in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"),
+                     ("password", "PGPASSWORD"), ("dbname", "PGDATABASE")):
+        if parts.get(key):
+            monkeypatch.setenv(env, str(parts[key]))
+    from pgbroker.config import conninfo_from_url
+
+    url = conninfo_from_url("pgbroker://?application_name=pgbroker-test&connect_timeout=5")
+    db = Database(url, Options(schema=schema))
+    try:
+        db.ensure_ready()
+        with db.connection() as conn:
+            assert conn.execute("SHOW application_name").fetchone()[0] == "pgbroker-test"
+    finally:
+        db.close()

@@ -12,7 +12,6 @@ from kombu import Connection, Exchange, Queue
 from pgbroker.engine import Outcome
 from pgbroker.errors import MessageTooLarge
 from pgbroker.message import channel_name
-from tests.helpers import wait_for
 
 
 def publish(conn, queue_name, body, exchange="ex", **kwargs):
@@ -198,7 +197,7 @@ def test_rescue_by_liveness(engine, sql, connection):
 
 def test_queue_size_purge_delete(connection, engine):
     for i in range(4):
-        q = publish(connection, "pq", i)
+        publish(connection, "pq", i)
     publish(connection, "pq", "later", headers={"id": "later", "task": "t",
                                                 "eta": (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()})
     channel = connection.default_channel
@@ -230,3 +229,16 @@ def test_bulk_enqueue(engine, sql):
     assert len(ids) == 500 and ids == sorted(ids)
     claimed = engine.claim(["bulk"], 1000, "c")
     assert [p["body"] for p, _ in claimed] == [str(i) for i in range(500)]
+
+
+def test_basic_get(connection, sql, engine):
+    publish(connection, "get", "a")
+    publish(connection, "get", "b")
+    channel = connection.channel()
+    first = channel.basic_get("get", no_ack=True)
+    second = channel.basic_get("get")
+    assert channel.basic_get("get") is None
+    assert (first.payload, second.payload) == ("a", "b")
+    second.ack()
+    engine.settler.flush()
+    assert [r["state"] for r in jobs(sql)] == ["completed", "completed"]
