@@ -211,3 +211,36 @@ def test_password_never_shown_by_celery_report(worker_env):
     assert out.returncode == 0, out.stderr
     assert "pgbroker://app:" in out.stdout and "@127.0.0.1:5432/shop" in out.stdout
     assert "s3cr3t-pw" not in out.stdout + out.stderr
+
+
+def test_two_workers_share_a_queue_without_duplicates(celery_app, start_worker, sql):
+    """Two workers (prefork and threads) claim disjoint batches: every task runs exactly once."""
+    jobs = [celery_app.record.delay(f"k{i}") for i in range(300)]
+    start_worker(pool="prefork", name="w1")
+    start_worker(pool="threads", name="w2")
+    rows = wait_states(sql, [j.id for j in jobs], timeout=120)
+    assert all(r["attempt"] == 1 for r in rows.values())
+    keys = [e["key"] for e in effects(sql)]
+    assert sorted(keys) == sorted(f"k{i}" for i in range(300))  # once each
+    owners = {r["attempted_by"].split("#")[0] for r in rows.values()}
+    assert len(owners) == 2  # both workers took part
+
+
+def test_warm_shutdown_gives_prefetched_jobs_back(celery_app, start_worker, sql):
+    jobs = [celery_app.gated.delay(f"s{i}") for i in range(6)]
+    worker = start_worker(pool="threads", concurrency=1)
+    wait_for(lambda: effects(sql, what="started"), 30, what="one task running")
+    wait_for(lambda: len(sql("SELECT 1 FROM {schema}.jobs WHERE state = 'executing'")) >= 2, 30,
+             what="a prefetched job besides the running one")
+    worker.proc.send_signal(__import__("signal").SIGTERM)  # warm shutdown: finish the running task
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    worker.proc.wait(60)
+    rows = rows_by_task_id(sql, [j.id for j in jobs])
+    started = {e["key"] for e in effects(sql, what="started")}
+    for i, j in enumerate(jobs):
+        r = rows[j.id]
+        if f"s{i}" in started:
+            assert r["state"] == "completed"
+        else:  # never started: back in the queue at once, not after rescue_after
+            assert r["state"] == "available" and r["attempt"] <= 1, r
+    assert any(r["redelivered"] and r["state"] == "available" for r in rows.values())
