@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import psycopg
 
 from .db import Database
+from .errors import DatabaseUnavailable
 from .message import Row, from_row, to_row
 from .types import Job
 
@@ -227,9 +228,11 @@ class Settler:
     """Writes delivery outcomes in batches from a background thread (group commit).
 
     A batch is what was submitted while the previous one was being written, plus
-    what arrives within ``ack_linger`` seconds: one transaction per batch. If the database is unreachable the
-    batch is kept and retried; outcomes never written (the process died) leave
-    their jobs ``executing`` for the rescuer, which redelivers them.
+    what arrives within ``ack_linger`` seconds: one transaction per batch. While
+    the database is unreachable the batch is kept and retried; an outcome the
+    database refuses is logged and dropped without holding back the others.
+    Outcomes never written (the process died) leave their jobs ``executing`` for
+    the rescuer, which redelivers them.
     """
 
     def __init__(self, engine: JobEngine):
@@ -262,10 +265,28 @@ class Settler:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def _write(self, batch: list[Outcome]) -> None:
+        """Write a batch; wait out a database outage; never let one bad outcome block the rest."""
+        backoff = 0.05
+        while True:
+            try:
+                self.engine.settle(batch)
+                return
+            except DatabaseUnavailable as exc:  # keep the batch until the database is back
+                logger.warning("pgbroker: writing %d outcomes failed (%s); retrying", len(batch), exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception as exc:
+                if len(batch) == 1:
+                    logger.error("pgbroker: dropping outcome %r that the database refuses: %s", batch[0], exc)
+                    return
+                for outcome in batch:  # isolate the culprit
+                    self._write([outcome])
+                return
+
     def _run(self) -> None:
         limit = self.engine.db.options.ack_batch_size
         linger = self.engine.db.options.ack_linger
-        backoff = 0.05
         while True:
             first = self._queue.get()
             if first is None:
@@ -281,15 +302,7 @@ class Settler:
                     self._queue.put(None)
                     break
                 batch.append(item)
-            while True:
-                try:
-                    self.engine.settle(batch)
-                    backoff = 0.05
-                    break
-                except Exception as exc:  # keep the batch: retry until the database is back
-                    logger.warning("pgbroker: writing %d outcomes failed (%s); retrying", len(batch), exc)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
+            self._write(batch)
             with self._idle:
                 self._pending -= len(batch)
                 if not self._pending:

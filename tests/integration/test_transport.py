@@ -242,3 +242,15 @@ def test_basic_get(connection, sql, engine):
     second.ack()
     engine.settler.flush()
     assert [r["state"] for r in jobs(sql)] == ["completed", "completed"]
+
+
+def test_settler_isolates_a_refused_outcome(engine, sql, connection):
+    for i in range(3):
+        publish(connection, "iso", i)
+    claimed = engine.claim(["iso"], 3, "c")
+    jobs_ = [p["properties"]["delivery_info"]["pgbroker_job"] for p, _ in claimed]
+    engine.settler.submit(Outcome(*jobs_[0], "completed"))
+    engine.settler.submit(Outcome(*jobs_[1], "no-such-state"))  # the database refuses this one
+    engine.settler.submit(Outcome(*jobs_[2], "completed"))
+    assert engine.settler.flush()
+    assert [r["state"] for r in jobs(sql)] == ["completed", "executing", "completed"]
