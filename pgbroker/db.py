@@ -212,7 +212,7 @@ class Listener:
         """(LISTEN socket, wake-up pipe): what :meth:`wait` selects on."""
         return self._connection().fileno(), self._wake_r
 
-    def consume(self) -> set[str]:
+    def consume(self) -> list[psycopg.Notify]:
         """Without blocking, take the notifications received and empty the wake-up pipe."""
         try:
             while os.read(self._wake_r, 4096):
@@ -220,15 +220,15 @@ class Listener:
         except BlockingIOError:
             pass
         try:
-            return {n.channel for n in self._connection().notifies(timeout=0)}
+            return list(self._connection().notifies(timeout=0))
         except (psycopg.OperationalError, ValueError, OSError) as exc:
             self.close_connection()
             raise DatabaseUnavailable(f"LISTEN connection to {self.db.safe_url} lost: {exc}") from exc
 
-    def wait(self, timeout: float) -> set[str]:
+    def wait(self, timeout: float) -> list[psycopg.Notify]:
         """Block up to ``timeout`` seconds for a notification or a wake-up.
 
-        Returns the channels that were notified (empty on timeout or wake-up).
+        Returns the notifications received (empty on timeout or wake-up).
         Raises DatabaseUnavailable when the LISTEN connection is lost.
         """
         # Notifications may already sit in the driver's buffer (read along with an

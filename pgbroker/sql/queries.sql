@@ -252,3 +252,36 @@ ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: state_counts
 SELECT queue, state::text AS state, count(*) AS n FROM {schema}.jobs GROUP BY queue, state ORDER BY queue, state;
+
+-- name: result_set
+-- Store a result and wake whoever waits for it (on commit).
+WITH stored AS (
+    INSERT INTO {schema}.results AS r (key, state, value, expires_at)
+    VALUES (%(key)s, %(state)s, %(value)s,
+            now() + make_interval(secs => %(expires)s::float8))
+    ON CONFLICT (key) DO UPDATE SET state = excluded.state, value = excluded.value,
+        updated_at = now(), expires_at = excluded.expires_at
+    RETURNING r.key
+)
+SELECT pg_notify({schema}.notify_channel(':results'), key) FROM stored;
+
+-- name: result_get_many
+SELECT key, value FROM {schema}.results
+WHERE key = ANY(%(keys)s::text[]) AND (expires_at IS NULL OR expires_at > now());
+
+-- name: result_delete
+WITH counter AS (DELETE FROM {schema}.counters WHERE key = %(key)s RETURNING 1)
+DELETE FROM {schema}.results WHERE key = %(key)s;
+
+-- name: result_expire
+UPDATE {schema}.results SET expires_at = now() + make_interval(secs => %(seconds)s::float8)
+WHERE key = %(key)s;
+
+-- name: counter_incr
+INSERT INTO {schema}.counters AS c (key, value) VALUES (%(key)s, 1)
+ON CONFLICT (key) DO UPDATE SET value = c.value + 1
+RETURNING c.value;
+
+-- name: counter_expire
+UPDATE {schema}.counters SET expires_at = now() + make_interval(secs => %(seconds)s::float8)
+WHERE key = %(key)s;

@@ -29,6 +29,9 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("PREFETCH_MULTIPLIER", "4")),
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("RESULT_BACKEND"):
+    app.conf.update(result_backend=os.environ["RESULT_BACKEND"], task_ignore_result=False,
+                    result_polling_interval=float(os.environ.get("RESULT_POLLING_INTERVAL", "1.0")))
 
 
 def _db():
@@ -78,6 +81,25 @@ def fails_twice(self, key):
     if self.request.retries < 2:
         raise self.retry(exc=RuntimeError(f"transient {self.request.retries}"), countdown=0.2)
     effect(key, "done")
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def tsum(values):
+    return sum(values)
+
+
+class Boom(Exception):
+    pass
+
+
+@app.task
+def boom(message):
+    raise Boom(message)
 
 
 @signals.worker_ready.connect

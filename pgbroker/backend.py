@@ -1,0 +1,216 @@
+"""Celery result backend in Postgres: ``result_backend = "pgbroker://user@host/db"``.
+
+Results live in ``<schema>.results`` beside the jobs (Celery's key/value layout:
+``celery-task-meta-<id>``, ``celery-taskset-meta-<id>``); chords complete through an
+atomic counter in ``<schema>.counters`` (no ``chord_unlock`` polling task). Storing
+a result sends a NOTIFY in the same statement, so ``AsyncResult.get()``,
+``GroupResult.get()`` and ``join()`` wake as soon as the result commits; they
+re-read every ``result_polling_interval`` seconds (default 1) in case a
+notification was missed, and fetch all ready members of a group in one query
+per wake-up.
+
+Options come from ``result_backend_transport_options`` (else
+``broker_transport_options``): the same ``schema``, pool and ``auto_migrate``
+options as the transport. Celery finds this class through the
+``celery.result_backends`` entry point.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Iterable, Iterator
+
+from celery import states
+from celery.backends.base import KeyValueStoreBackend
+from celery.exceptions import TimeoutError
+from kombu.utils.encoding import bytes_to_str
+
+from .config import Options, conninfo_from_url, mask_url
+from .db import Database
+from .errors import DatabaseUnavailable
+from .message import channel_name
+
+logger = logging.getLogger(__name__)
+
+RESULTS_QUEUE = ":results"  # the notify channel results are announced on (payload: the key)
+
+
+class ResultWaiter:
+    """One LISTEN connection per process and database, shared by every waiting thread.
+
+    A thread registers the keys it waits for and blocks on an Event; the
+    dispatcher thread sets the Events of the keys it is notified about.
+    """
+
+    def __init__(self, db: Database):
+        self.db = db
+        self.channel = channel_name(db.options.schema, RESULTS_QUEUE)
+        self._watchers: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._listener = db.listener()
+        self._listener.listen([self.channel])
+        self._listener.fds()  # connect now: notifications from here on are seen
+        threading.Thread(target=self._run, name="pgbroker-results", daemon=True).start()
+
+    def watch(self, keys: Iterable[str]) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            for key in keys:
+                self._watchers.setdefault(key, set()).add(event)
+        return event
+
+    def unwatch(self, keys: Iterable[str], event: threading.Event) -> None:
+        with self._lock:
+            for key in keys:
+                events = self._watchers.get(key)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._watchers[key]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                notes = self._listener.wait(5.0)
+            except DatabaseUnavailable as exc:  # waiters fall back to polling meanwhile
+                logger.warning("pgbroker: result notifications interrupted (%s); reconnecting", exc)
+                time.sleep(1.0)
+                continue
+            with self._lock:
+                for note in notes:
+                    for event in self._watchers.get(note.payload, ()):
+                        event.set()
+
+
+_waiters: dict[int, ResultWaiter] = {}
+_waiters_lock = threading.Lock()
+
+
+def _waiter_for(db: Database) -> ResultWaiter:
+    with _waiters_lock:
+        waiter = _waiters.get(id(db))
+        if waiter is None or waiter.db is not db:
+            waiter = _waiters[id(db)] = ResultWaiter(db)
+        return waiter
+
+
+class ResultBackend(KeyValueStoreBackend):
+    """Celery's key/value backend contract on a Postgres table, with NOTIFY wake-ups."""
+
+    implements_incr = True
+    supports_native_join = True
+    supports_autoexpire = True
+
+    def __init__(self, app=None, url: str | None = None, **kwargs: Any):
+        super().__init__(app=app, url=url, **kwargs)
+        conf = self.app.conf
+        topts = conf.get("result_backend_transport_options") or conf.broker_transport_options
+        self.options = Options.from_mapping(topts)
+        self.url = url or conf.result_backend
+        self.conninfo = conninfo_from_url(self.url)
+        self.polling_interval = float(conf.get("result_polling_interval") or 1.0)
+        self._db: Database | None = None
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            db = Database.get(self.conninfo, self.options)
+            db.ensure_ready()
+            self._db = db
+        return self._db
+
+    def as_uri(self, include_password: bool = False) -> str:
+        return self.url if include_password else mask_url(self.url)
+
+    # -- the key/value contract --------------------------------------------------------------------
+
+    def get(self, key):
+        rows = self.mget([key])
+        return rows[0]
+
+    def mget(self, keys):
+        keys = [bytes_to_str(k) for k in keys]
+        found = {r["key"]: bytes(r["value"]) for r in self.db.fetchall("result_get_many", keys=keys)}
+        return [found.get(k) for k in keys]
+
+    def _set_with_state(self, key, value, state):
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        self.db.fetchall("result_set", key=bytes_to_str(key), state=state, value=value,
+                         expires=self.expires if self.expires else None)
+
+    def set(self, key, value):
+        self._set_with_state(key, value, None)
+
+    def delete(self, key):
+        self.db.fetchall("result_delete", key=bytes_to_str(key))
+
+    def incr(self, key):
+        return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
+
+    def expire(self, key, value):
+        key = bytes_to_str(key)
+        self.db.fetchall("result_expire", key=key, seconds=value)
+        self.db.fetchall("counter_expire", key=key, seconds=value)
+
+    # -- waiting: NOTIFY instead of sleeping ---------------------------------------------------------
+
+    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
+        """Return the task's meta once it is ready; raise Celery's TimeoutError after ``timeout``."""
+        for _, meta in self._wait([task_id], timeout, on_interval, first_only=True):
+            return meta
+        raise TimeoutError("The operation timed out.")  # pragma: no cover - _wait raises first
+
+    def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                 on_interval=None, max_iterations=None, READY_STATES=states.READY_STATES):
+        """Yield ``(task_id, meta)`` as results become ready: one query per wake-up."""
+        for task_id, meta in self._wait(task_ids, timeout, on_interval, max_iterations=max_iterations):
+            if on_message is not None:
+                on_message(meta)
+            yield task_id, meta
+
+    def _wait(self, task_ids, timeout, on_interval, first_only=False,
+              max_iterations=None) -> Iterator[tuple[str, dict]]:
+        pending = {bytes_to_str(t) for t in task_ids}
+        for task_id in list(pending):  # Celery's cache of results already fetched
+            cached = self._cache.get(task_id)
+            if cached and cached["status"] in states.READY_STATES:
+                pending.discard(task_id)
+                yield task_id, cached
+        if not pending:
+            return
+        keys = {bytes_to_str(self.get_key_for_task(t)): t for t in pending}
+        event = _waiter_for(self.db).watch(keys)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        iterations = 0
+        try:
+            while pending:
+                event.clear()
+                want = [k for k, t in keys.items() if t in pending]
+                for key, value in zip(want, self.mget(want)):
+                    if value is None:
+                        continue
+                    meta = self.decode_result(value)
+                    if meta["status"] in states.READY_STATES:
+                        task_id = keys[key]
+                        pending.discard(task_id)
+                        self._cache[task_id] = meta
+                        yield task_id, meta
+                        if first_only:
+                            return
+                if not pending:
+                    return
+                iterations += 1
+                if max_iterations and iterations >= max_iterations:
+                    return
+                if on_interval:
+                    on_interval()
+                wait = self.polling_interval
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"The operation timed out ({timeout}).")
+                event.wait(wait)
+        finally:
+            _waiter_for(self.db).unwatch(keys, event)
