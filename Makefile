@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench compat install clean
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m pip install -q -e '.[bench]'
 	bash bench/services.sh
 	$(PY) bench/run.py
+
+# Celery's own integration suite against pgbroker (needs the local test database; see README).
+compat: $(VENV)/.installed-dev
+	$(PY) compat/run_celery_suite.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

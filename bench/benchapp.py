@@ -1,6 +1,8 @@
-"""The Celery app the benchmark runs; its broker comes from BENCH_BROKER_URL."""
-from __future__ import annotations
+"""The Celery app `bench/run.py` measures. Broker from env BENCH_BROKER_URL, no result backend.
 
+Tasks report back through files named in the environment, appended with O_APPEND so
+that every pool process (prefork children, threads) can write without locking.
+"""
 import os
 import time
 
@@ -8,18 +10,14 @@ from celery import Celery, signals
 
 app = Celery("benchapp", broker=os.environ.get("BENCH_BROKER_URL", "memory://"))
 app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
-if os.environ.get("BENCH_TRANSPORT_OPTIONS"):
-    import json
 
-    app.conf.broker_transport_options = json.loads(os.environ["BENCH_TRANSPORT_OPTIONS"])
-
-_fds: dict[str, int] = {}
+_fds = {}  # env var -> fd, opened on first use (an fd inherited over fork stays correct)
 
 
-def _append(env: str, data: bytes) -> None:
-    fd = _fds.get(env)
+def _append(env_var, data):
+    fd = _fds.get(env_var)
     if fd is None:
-        fd = _fds[env] = os.open(os.environ[env], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = _fds[env_var] = os.open(os.environ[env_var], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(fd, data)
 
 
@@ -34,5 +32,5 @@ def latency(sent_at):
 
 
 @signals.worker_ready.connect
-def _ready(**kwargs):
+def _touch_ready_file(**_):
     open(os.environ["BENCH_READY_FILE"], "w").close()

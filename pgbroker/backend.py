@@ -28,7 +28,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from .config import Options, conninfo_from_url, mask_url
 from .db import Database
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, ResultTooLarge
 from .message import channel_name
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ class ResultBackend(KeyValueStoreBackend):
     def _set_with_state(self, key, value, state):
         if isinstance(value, str):
             value = value.encode("utf-8")
+        if len(value) > self.options.max_result_size:
+            raise ResultTooLarge(len(value), self.options.max_result_size, bytes_to_str(key))
         self.db.fetchall("result_set", key=bytes_to_str(key), state=state, value=value,
                          expires=self.expires if self.expires else None)
 

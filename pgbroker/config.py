@@ -56,6 +56,8 @@ class Options:
     rescue_after: float = 20.0
     #: Largest message body accepted at publish (bytes).
     max_message_size: int = 10 * 1024 * 1024
+    #: Largest encoded task result the result backend stores (bytes).
+    max_result_size: int = 10 * 1024 * 1024
     #: Most jobs one claim takes when the consumer sets no prefetch limit.
     batch_size: int = 100
     #: Most acknowledgements/outcomes written in one statement.
@@ -97,7 +99,7 @@ class Options:
                 f"rescue_after ({self.rescue_after}) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}), or live consumers would be rescued"
             )
-        for name in ("max_message_size", "batch_size", "ack_batch_size", "pool_min_size", "pool_max_size"):
+        for name in ("max_message_size", "max_result_size", "batch_size", "ack_batch_size", "pool_min_size", "pool_max_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.pool_max_size < self.pool_min_size:

@@ -172,10 +172,6 @@ class JobEngine:
         """Seconds until the next scheduled job is due (negative if overdue, None if none)."""
         return self.db.fetchone("next_due")["seconds"]
 
-    def expire(self, limit: int = 1000) -> int:
-        """Cancel undelivered jobs whose ``expires`` has passed; returns how many."""
-        return self.db.fetchone("expire", limit=limit)["n"]
-
     # -- consumers and rescue ----------------------------------------------------------------------
 
     def heartbeat(self, consumer: str, hostname: str, pid: int, connections: Sequence[str]) -> None:

@@ -37,6 +37,17 @@ class MessageTooLarge(InvalidMessage):
         )
 
 
+class ResultTooLarge(PgBrokerError, ValueError):
+    """An encoded task result is larger than the ``max_result_size`` option."""
+
+    def __init__(self, size: int, limit: int, key: str):
+        self.size, self.limit = size, limit
+        super().__init__(
+            f"result {key} of {size} bytes exceeds max_result_size={limit} bytes; "
+            f"store large results elsewhere and return a reference"
+        )
+
+
 class SchemaNotReady(PgBrokerError):
     """The database has no (or an older) pgbroker schema and auto-migration is off."""
 

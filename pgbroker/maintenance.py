@@ -2,8 +2,7 @@
 
 One :class:`Maintainer` per process and database: it registers this process as a
 consumer with the list of its open broker connections, heartbeats, and on each
-tick stages due scheduled jobs, cancels expired ones and rescues the jobs of
-dead consumers. Every step is a single idempotent statement using SKIP LOCKED,
+tick stages due scheduled jobs and rescues the jobs of dead consumers. Every step is a single idempotent statement using SKIP LOCKED,
 so any number of processes can run it at once without a leader; leadership
 would only save queries.
 """
@@ -24,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class Maintainer:
-    """Heartbeat + stager + expirer + rescuer thread for one consuming process."""
+    """Heartbeat + stager + rescuer thread for one consuming process."""
 
     def __init__(self, engine: JobEngine):
         self.engine = engine
@@ -80,9 +79,8 @@ class Maintainer:
         self.engine.heartbeat(self.consumer_id, self.hostname, os.getpid(), sorted(self._connections))
 
     def beat(self) -> None:
-        """Heartbeat, then cancel expired jobs and rescue the jobs of dead consumers."""
+        """Heartbeat, then rescue the jobs of dead consumers."""
         self._beat()
-        self.engine.expire()
         rescued = self.engine.rescue(self.options.rescue_after)
         if rescued["redelivered"] or rescued["discarded"]:
             logger.warning(

@@ -107,8 +107,9 @@ def _on_retry(sender=None, request=None, reason=None, einfo=None, **kwargs):
 
 @signals.task_revoked.connect
 def _on_revoked(sender=None, request=None, terminated=None, expired=None, **kwargs):
-    why = "expired" if expired else ("terminated" if terminated else "revoked")
-    _record(sender, request, "cancelled", f"{why} by Celery remote control")
+    why = ("expired before it ran (Celery `expires`)" if expired
+           else "terminated by Celery remote control" if terminated else "revoked by Celery remote control")
+    _record(sender, request, "cancelled", why)
 
 
 @signals.worker_process_shutdown.connect

@@ -71,7 +71,6 @@ WITH picked AS MATERIALIZED (
     CROSS JOIN LATERAL (
         SELECT id, priority FROM {schema}.jobs
         WHERE state = 'available' AND queue = q.name
-          AND (expires_at IS NULL OR expires_at > now())
         ORDER BY priority DESC, id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
@@ -149,22 +148,6 @@ SELECT (SELECT count(*) FROM staged) AS n, (SELECT count(*) FROM woke) AS woke;
 -- Seconds until the earliest scheduled/retryable job is due (NULL when none).
 SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds
 FROM {schema}.jobs WHERE state IN ('scheduled', 'retryable');
-
--- name: expire
--- Cancel undelivered jobs whose Celery `expires` has passed, recording why.
-WITH gone AS (
-    UPDATE {schema}.jobs AS j SET state = 'cancelled', cancelled_at = now(),
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempt, 'at', now(),
-            'error', 'expired at ' || j.expires_at || ' before it was delivered'))
-    WHERE j.id IN (
-        SELECT id FROM {schema}.jobs
-        WHERE expires_at <= now() AND state IN ('available', 'scheduled', 'retryable')
-        LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-    )
-    RETURNING 1
-)
-SELECT count(*) AS n FROM gone;
 
 -- name: consumer_heartbeat
 -- Register or refresh a consumer process and the list of its open connections.

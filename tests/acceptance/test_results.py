@@ -75,3 +75,11 @@ def test_forget(results_app, start_worker, sql):
     assert r.get(timeout=20) == 3
     r.forget()
     assert sql("SELECT 1 FROM {schema}.results WHERE key LIKE %s", f"%{r.id}") == []
+
+
+def test_result_too_large_is_a_clear_failure(results_app, start_worker):
+    start_worker(pool="threads")
+    result = results_app.big.delay(200_000)  # the test app allows 100,000 bytes
+    with pytest.raises(Exception, match="max_result_size=100000"):
+        result.get(timeout=30)
+    assert result.state == "FAILURE"

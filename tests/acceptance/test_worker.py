@@ -57,12 +57,13 @@ def test_tasks_countdown_eta_routing_and_rows(celery_app, start_worker, sql, poo
     assert sorted(e["key"] for e in effects(sql)) == ["countdown", "eta", "explicit", "plain", "prio", "routed"]
 
 
-def test_expired_job_is_cancelled_not_delivered(celery_app, start_worker, sql):
+def test_expired_job_is_cancelled_not_run(celery_app, start_worker, sql):
+    """The worker sees an expired job only to revoke it (so Celery records REVOKED); it never runs."""
     job = celery_app.record.apply_async(("late",), expires=0.5)
     wait_for(lambda: sql("SELECT now() > expires_at AS past FROM {schema}.jobs")[0]["past"], 10, what="expiry")
     start_worker(pool="threads")
     row = wait_states(sql, [job.id], ("cancelled",))[job.id]
-    assert row["attempt"] == 0 and "expired" in row["errors"][-1]["error"]
+    assert "expired" in row["errors"][-1]["error"] and row["cancelled_at"] is not None
     assert effects(sql, "late") == []
 
 

@@ -23,6 +23,7 @@ app.conf.update(
         "polling_interval": float(os.environ.get("PGBROKER_POLLING_INTERVAL", "1.0")),
         "heartbeat_interval": 0.5,
         "rescue_after": 2.0,
+        "max_result_size": 100_000,
     },
     task_ignore_result=True,
     task_routes={"tests.apps.celeryapp.routed": {"queue": "routed-q"}},
@@ -86,6 +87,11 @@ def fails_twice(self, key):
 @app.task
 def add(x, y):
     return x + y
+
+
+@app.task
+def big(size):
+    return "x" * size
 
 
 @app.task

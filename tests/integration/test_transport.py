@@ -63,15 +63,6 @@ def test_scheduled_rows_wait_until_due(connection, sql, engine):
     assert row["attempted_at"] >= row["scheduled_at"]
 
 
-def test_expired_rows_are_cancelled_with_reason(connection, sql, engine):
-    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
-    publish(connection, "exp", "x", headers={"id": "t-exp", "task": "t", "expires": past})
-    assert engine.claim(["exp"], 10, "nobody") == []
-    assert engine.expire() == 1
-    row = jobs(sql)[0]
-    assert row["state"] == "cancelled" and "expired" in row["errors"][0]["error"] and row["attempt"] == 0
-
-
 def test_claims_are_sized_by_prefetch(connection, sql):
     for i in range(10):
         q = publish(connection, "pf", i)

@@ -1,0 +1,84 @@
+"""Run Celery's own integration suite against pgbroker (broker and result backend).
+
+The suite is taken at run time from the sdist of the *installed* Celery version
+(downloaded once into compat/.cache/, never committed) and run with Celery's
+in-process test worker. Tests that need remote control (fanout exchanges, not in
+pgbroker yet) are deselected and listed. The last line printed is
+``N passed, M failed, K skipped``; the exit status is pytest's.
+
+    python compat/run_celery_suite.py [--url pgbroker://…] [test files…] [-- pytest args]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_FILES = ["test_tasks.py", "test_canvas.py", "test_database_backend.py"]
+TEST_DEPS = ["pytest-timeout", "pytest-rerunfailures", "pydantic", "redis"]
+# They revoke or inspect through remote control, which needs fanout exchanges.
+REMOTE_CONTROL = [
+    "test_tasks.py::test_tasks::test_revoked",
+    "test_tasks.py::test_tasks::test_revoke_keeps_state_of_task_started_elsewhere",
+    "test_tasks.py::test_tasks::test_revoked_by_headers_simple_canvas",
+    "test_tasks.py::test_tasks::test_revoked_by_headers_complex_canvas",
+    "test_tasks.py::test_tasks::test_revoke_by_stamped_headers_no_match",
+]
+
+
+def suite_dir() -> Path:
+    """t/ of the installed Celery's sdist, downloaded and unpacked once."""
+    import celery
+
+    version = celery.__version__
+    root = HERE / ".cache" / f"celery-{version}"
+    if not (root / "t" / "integration").is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            f"celery=={version}", "-d", tmp], check=True)
+            sdist = next(Path(tmp).glob("celery-*.tar.gz"))
+            with tarfile.open(sdist) as tar:
+                members = [m for m in tar.getmembers() if m.name.split("/", 2)[1:2] == ["t"]]
+                for m in members:
+                    m.name = m.name.split("/", 1)[1]
+                tar.extractall(root, members=members, filter="data")
+    # Celery's in-process worker must record outcomes on pgbroker's job rows too.
+    (root / "pgbroker_compat_plugin.py").write_text("import pgbroker.worker  # noqa: F401\n")
+    (root / "integration-tests-config.json").write_text('{"broker_transport_options": {"schema": "celery_compat"}}')
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("PGBROKER_URL",
+                                                          "pgbroker://pgbroker:pgbroker@127.0.0.1:5432/pgbroker"))
+    parser.add_argument("files", nargs="*", default=DEFAULT_FILES)
+    args, extra = parser.parse_known_args()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *TEST_DEPS], check=True)
+    root = suite_dir()
+    url = "pgbroker://" + args.url.split("://", 1)[1]
+    cmd = [sys.executable, "-m", "pytest", "-p", "pgbroker_compat_plugin", "-p", "celery.contrib.pytest",
+           "-o", "addopts=", "-q", *[f"t/integration/{f}" for f in args.files]]
+    cmd += [f"--deselect=t/integration/{t}" for t in REMOTE_CONTROL]
+    print("deselected (need remote control):", *REMOTE_CONTROL, sep="\n  ")
+    env = {**os.environ, "TEST_BROKER": url, "TEST_BACKEND": url,
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([*cmd, *extra], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    print(proc.stdout)
+    counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "errors")}
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail):
+        counts[what] += int(n)
+    failed = counts["failed"] + counts["error"] + counts["errors"]
+    print(f"{counts['passed']} passed, {failed} failed, {counts['skipped']} skipped")
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
