@@ -1,23 +1,26 @@
-"""The Celery app `bench/run.py` measures. Broker from env BENCH_BROKER_URL, no result backend.
+"""The Celery app the benchmark runs; its broker comes from BENCH_BROKER_URL."""
+from __future__ import annotations
 
-Tasks report back through files named in the environment, appended with O_APPEND so
-that every pool process (prefork children, threads) can write without locking.
-"""
 import os
 import time
 
 from celery import Celery, signals
 
 app = Celery("benchapp", broker=os.environ.get("BENCH_BROKER_URL", "memory://"))
-app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
+app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True,
+                result_backend=os.environ.get("BENCH_RESULT_BACKEND"))
+if os.environ.get("BENCH_TRANSPORT_OPTIONS"):
+    import json
 
-_fds = {}  # env var -> fd, opened on first use (an fd inherited over fork stays correct)
+    app.conf.broker_transport_options = json.loads(os.environ["BENCH_TRANSPORT_OPTIONS"])
+
+_fds: dict[str, int] = {}
 
 
-def _append(env_var, data):
-    fd = _fds.get(env_var)
+def _append(env: str, data: bytes) -> None:
+    fd = _fds.get(env)
     if fd is None:
-        fd = _fds[env_var] = os.open(os.environ[env_var], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = _fds[env] = os.open(os.environ[env], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(fd, data)
 
 
@@ -31,6 +34,11 @@ def latency(sent_at):
     _append("BENCH_LATENCY_FILE", f"{time.time() - sent_at}\n".encode())
 
 
+@app.task(ignore_result=False)
+def echo(value):
+    return value
+
+
 @signals.worker_ready.connect
-def _touch_ready_file(**_):
+def _ready(**kwargs):
     open(os.environ["BENCH_READY_FILE"], "w").close()

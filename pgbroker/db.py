@@ -143,12 +143,14 @@ class Database:
         rows = self.fetchall(name, conn, **params)
         return rows[0] if rows else None
 
-    def run_in_transaction(self, statements: Sequence[tuple[str, dict]]) -> None:
-        """Run named statements (results discarded) in one transaction and one round trip."""
+    def run_in_transaction(self, statements: Sequence[tuple[str, dict]]) -> list[dict]:
+        """Run named statements in one transaction and one round trip; rows of the last one."""
         with self.connection() as conn:
-            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                for name, params in statements:
-                    cur.execute(self.q[name], params)
+            with conn.cursor(row_factory=dict_row) as cur:
+                with conn.pipeline(), conn.transaction():
+                    for name, params in statements:
+                        cur.execute(self.q[name], params)
+                return cur.fetchall() if cur.description else []
 
     def listener(self) -> "Listener":
         return Listener(self)

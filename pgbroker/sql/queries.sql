@@ -101,8 +101,8 @@ FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(error
 WHERE j.id = s.id AND j.attempt = s.attempt AND j.state = 'executing';
 
 -- name: relax_commit
--- This transaction's commit need not wait for the WAL flush (outcome writes: a lost
--- one only means a redelivery).
+-- This transaction's commit need not wait for the WAL flush (claims and outcome
+-- writes: losing one in a server crash only means a redelivery).
 SELECT set_config('synchronous_commit', 'off', true);
 
 -- name: append_errors
