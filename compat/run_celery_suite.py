@@ -71,10 +71,14 @@ def main() -> int:
     print("deselected (need remote control):", *REMOTE_CONTROL, sep="\n  ")
     env = {**os.environ, "TEST_BROKER": url, "TEST_BACKEND": url,
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([*cmd, *extra], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
-    print(proc.stdout)
+    proc = subprocess.Popen([*cmd, *extra], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    tail = ""
+    for line in proc.stdout:  # stream pytest's output, keep its summary line
+        print(line, end="", flush=True)
+        if line.strip():
+            tail = line
+    proc.wait()
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "errors")}
-    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail):
         counts[what] += int(n)
     failed = counts["failed"] + counts["error"] + counts["errors"]
