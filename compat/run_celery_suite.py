@@ -66,7 +66,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "pytest", "-p", "pgbroker_compat_plugin", "-p", "celery.contrib.pytest",
            # the sdist's pytest settings: its test classes are named test_*
            "-o", "addopts=", "-o", "python_classes=test_*", "-o", "xfail_strict=true", "-q",
-           "--rootdir", str(root),  # where the suite's conftest reads integration-tests-config.json *[f"t/integration/{f}" for f in args.files]]
+           # the suite's conftest reads integration-tests-config.json from the rootdir
+           "--rootdir", str(root), *[f"t/integration/{f}" for f in args.files]]
     cmd += [f"--deselect=t/integration/{t}" for t in REMOTE_CONTROL]
     print("deselected (need remote control):", *REMOTE_CONTROL, sep="\n  ")
     env = {**os.environ, "TEST_BROKER": url, "TEST_BACKEND": url,
