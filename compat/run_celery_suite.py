@@ -59,7 +59,9 @@ def main() -> int:
     parser.add_argument("--url", default=os.environ.get("PGBROKER_URL",
                                                           "pgbroker://pgbroker:pgbroker@127.0.0.1:5432/pgbroker"))
     parser.add_argument("files", nargs="*", default=DEFAULT_FILES)
-    args, extra = parser.parse_known_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *TEST_DEPS], check=True)
     root = suite_dir()
     url = "pgbroker://" + args.url.split("://", 1)[1]
