@@ -83,15 +83,15 @@ class ResultWaiter:
                         event.set()
 
 
-_waiters: dict[int, ResultWaiter] = {}
 _waiters_lock = threading.Lock()
 
 
 def _waiter_for(db: Database) -> ResultWaiter:
+    """The process's ResultWaiter for ``db``, cached on it (as engine_for caches the engine)."""
     with _waiters_lock:
-        waiter = _waiters.get(id(db))
-        if waiter is None or waiter.db is not db:
-            waiter = _waiters[id(db)] = ResultWaiter(db)
+        waiter = getattr(db, "_result_waiter", None)
+        if waiter is None:
+            waiter = db._result_waiter = ResultWaiter(db)
         return waiter
 
 

@@ -108,16 +108,16 @@ class Maintainer:
             self._stop.wait(max(wait, 0.01))
 
 
-_maintainers: dict[int, Maintainer] = {}
 _lock = threading.Lock()
 
 
 def maintainer_for(engine: JobEngine) -> Maintainer:
-    """This process's Maintainer for ``engine``'s database (forked children get their own)."""
+    """This process's Maintainer for ``engine``'s database (cached on the engine, like
+    :func:`~pgbroker.engine.engine_for`; forked children get new engines, hence their own)."""
     with _lock:
-        m = _maintainers.get(id(engine))
-        if m is None or m.engine is not engine:
-            m = _maintainers[id(engine)] = Maintainer(engine)
+        m = getattr(engine, "_maintainer", None)
+        if m is None:
+            m = engine._maintainer = Maintainer(engine)
         return m
 
 
@@ -127,8 +127,8 @@ def shutdown(db) -> None:
 
     engine = engine_for(db)
     with _lock:
-        m = _maintainers.pop(id(engine), None)
-    if m is not None and m.engine is engine:
+        m = engine.__dict__.pop("_maintainer", None)
+    if m is not None:
         m.stop()
     if engine._settler is not None:
         engine._settler.close()
