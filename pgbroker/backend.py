@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 from celery import states
@@ -95,6 +96,20 @@ def _waiter_for(db: Database) -> ResultWaiter:
         return waiter
 
 
+def _columns(meta: dict | None = None, request: Any = None) -> dict[str, Any]:
+    """The queryable columns of a result row (all None for group metadata)."""
+    meta = meta or {}
+    delivery = getattr(request, "delivery_info", None) or {}
+    retries = getattr(request, "retries", None)
+    date_done = meta.get("date_done")
+    return {
+        "task_id": meta.get("task_id"), "group_id": meta.get("group_id"), "parent_id": meta.get("parent_id"),
+        "task_name": getattr(request, "task", None), "worker": getattr(request, "hostname", None),
+        "queue": delivery.get("routing_key"), "retries": int(retries) if retries is not None else None,
+        "date_done": datetime.fromisoformat(date_done) if isinstance(date_done, str) else date_done,
+    }
+
+
 class ResultBackend(KeyValueStoreBackend):
     """Celery's key/value backend contract on a Postgres table, with NOTIFY wake-ups."""
 
@@ -110,6 +125,9 @@ class ResultBackend(KeyValueStoreBackend):
         self.url = url or conf.result_backend
         self.conninfo = conninfo_from_url(self.url)
         self.polling_interval = float(conf.get("result_polling_interval") or 1.0)
+        # A result must never be dropped because the database blinked: writes are retried
+        # (with Celery's backoff, up to result_backend_max_retries) while it is unreachable.
+        self.always_retry = True
         self._db: Database | None = None
 
     @property
@@ -134,16 +152,33 @@ class ResultBackend(KeyValueStoreBackend):
         found = {r["key"]: bytes(r["value"]) for r in self.db.fetchall("result_get_many", keys=keys)}
         return [found.get(k) for k in keys]
 
-    def _set_with_state(self, key, value, state):
+    def _write(self, key, value, state, columns: dict | None = None, keep_success: bool = False) -> None:
         if isinstance(value, str):
             value = value.encode("utf-8")
+        key = bytes_to_str(key)
         if len(value) > self.options.max_result_size:
-            raise ResultTooLarge(len(value), self.options.max_result_size, bytes_to_str(key))
-        self.db.fetchall("result_set", key=bytes_to_str(key), state=state, value=value,
-                         expires=self.expires if self.expires else None)
+            raise ResultTooLarge(len(value), self.options.max_result_size, key)
+        self.db.fetchall("result_set", key=key, state=state, value=value, keep_success=keep_success,
+                         expires=self.expires if self.expires else None, **(columns or _columns()))
+
+    def _set_with_state(self, key, value, state):
+        self._write(key, value, state)
 
     def set(self, key, value):
-        self._set_with_state(key, value, None)
+        self._write(key, value, None)
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        """Store a task's state in one statement.
+
+        Celery's key/value backends read the stored state first and skip the write
+        when it is SUCCESS (a late duplicate must not overwrite it); here that rule
+        is the statement's ``ON CONFLICT … WHERE``, so it costs no extra round trip.
+        """
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        self._write(self.get_key_for_task(task_id), self.encode(meta), state, _columns(meta, request),
+                    keep_success=True)
+        return result
 
     def delete(self, key):
         self.db.fetchall("result_delete", key=bytes_to_str(key))
@@ -152,9 +187,47 @@ class ResultBackend(KeyValueStoreBackend):
         return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
 
     def expire(self, key, value):
-        key = bytes_to_str(key)
-        self.db.fetchall("result_expire", key=key, seconds=value)
-        self.db.fetchall("counter_expire", key=key, seconds=value)
+        self.db.fetchall("result_expire", key=bytes_to_str(key), seconds=value)
+
+    def exception_safe_to_retry(self, exc):
+        """Result writes and reads are retried while the database is unreachable."""
+        return isinstance(exc, DatabaseUnavailable)
+
+    # -- expiry ------------------------------------------------------------------------------------
+
+    def cleanup(self) -> int:
+        """Delete expired results and chord counters, in batches; returns how many results.
+
+        Celery's ``celery.backend_cleanup`` task calls this; workers also run it every
+        ``prune_interval`` seconds (:meth:`start_pruner`). Only one process at a time
+        deletes: the others find the prune lock taken and return 0.
+        """
+        total, batch = 0, self.options.prune_batch_size
+        while True:
+            row = self.db.fetchone("results_prune", batch=batch)
+            total += row["results"]
+            if not row["leader"] or (row["results"] < batch and row["counters"] < batch):
+                return total
+
+    def start_pruner(self) -> None:
+        """Run :meth:`cleanup` every ``prune_interval`` seconds in a daemon thread (once per
+        process and database); the worker's main process starts it."""
+        with _waiters_lock:
+            if getattr(self.db, "_result_pruner", None) is not None:
+                return
+            self.db._result_pruner = threading.Thread(target=self._prune_forever, name="pgbroker-pruner",
+                                                      daemon=True)
+        self.db._result_pruner.start()
+
+    def _prune_forever(self) -> None:
+        while True:
+            try:
+                removed = self.cleanup()
+                if removed:
+                    logger.info("pgbroker: pruned %d expired results", removed)
+            except Exception as exc:  # the next tick retries
+                logger.warning("pgbroker: pruning expired results failed (%s)", exc)
+            time.sleep(self.options.prune_interval)
 
     # -- waiting: NOTIFY instead of sleeping ---------------------------------------------------------
 

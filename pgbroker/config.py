@@ -72,6 +72,10 @@ class Options:
     pool_timeout: float = 5.0
     #: ``synchronous_commit`` for pgbroker's own connections (None: the server's setting).
     synchronous_commit: str | None = None
+    #: How often a worker deletes expired results and counters (seconds; one leader at a time).
+    prune_interval: float = 60.0
+    #: Most rows one pruning statement deletes.
+    prune_batch_size: int = 1000
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "Options":
@@ -91,7 +95,7 @@ class Options:
         validate_schema(self.schema)
         if self.ack_linger < 0:
             raise ConfigurationError(f"ack_linger must be >= 0, got {self.ack_linger!r}")
-        for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout"):
+        for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout", "prune_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.rescue_after < 2 * self.heartbeat_interval:
@@ -99,7 +103,8 @@ class Options:
                 f"rescue_after ({self.rescue_after}) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval}), or live consumers would be rescued"
             )
-        for name in ("max_message_size", "max_result_size", "batch_size", "ack_batch_size", "pool_min_size", "pool_max_size"):
+        for name in ("max_message_size", "max_result_size", "batch_size", "ack_batch_size", "pool_min_size",
+                     "pool_max_size", "prune_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.pool_max_size < self.pool_min_size:

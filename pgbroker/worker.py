@@ -125,6 +125,17 @@ def _on_worker_init(sender=None, **kwargs):
         install(app)
 
 
+@signals.worker_ready.connect
+def _on_worker_ready(sender=None, **kwargs):
+    """The worker's main process prunes expired results (whatever its broker)."""
+    from .backend import ResultBackend
+
+    app = getattr(sender, "app", None)
+    backend = getattr(app, "backend", None) if app is not None else None
+    if isinstance(backend, ResultBackend):
+        backend.start_pruner()
+
+
 class WorkerHooks(bootsteps.Step):
     """Consumer step: outcomes that only the worker's main process sees.
 

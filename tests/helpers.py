@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -29,7 +32,8 @@ class Worker:
     """A real ``celery worker`` subprocess in its own process group, cleaned up by pid."""
 
     def __init__(self, env: dict, app: str = "tests.apps.celeryapp", pool: str = "prefork",
-                 concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=()):
+                 concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=(),
+                 overrides: dict | None = None):
         self.ready_file = Path(env["TEST_READY_DIR"]) / f"{name}.ready"
         self.ready_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
@@ -39,7 +43,7 @@ class Worker:
             cmd += ["-Q", queues]
         self.log_path = Path(env["TEST_READY_DIR"]) / f"{name}.log"
         self.log = open(self.log_path, "wb")
-        self.env = {**os.environ, **env, "TEST_WORKER_NAME": name,
+        self.env = {**os.environ, **env, **(overrides or {}), "TEST_WORKER_NAME": name,
                     "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -72,3 +76,76 @@ class Worker:
                 pass
         self.kill()
         self.log.close()
+
+
+class TcpProxy:
+    """A TCP forwarder to a real server that a test can cut and restore.
+
+    While cut, every forwarded connection is closed and new ones are closed on
+    accept: to its clients the server looks dead, without stopping it.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._cut = threading.Event()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for a, b in pairs:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self._cut.is_set():
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(a, selectors.EVENT_READ, b)
+        sel.register(b, selectors.EVENT_READ, a)
+        try:
+            while True:
+                for key, _ in sel.select():
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            sel.close()
+            a.close()
+            b.close()

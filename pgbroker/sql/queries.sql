@@ -237,13 +237,21 @@ ORDER BY id DESC LIMIT %(limit)s;
 SELECT queue, state::text AS state, count(*) AS n FROM {schema}.jobs GROUP BY queue, state ORDER BY queue, state;
 
 -- name: result_set
--- Store a result and wake whoever waits for it (on commit).
+-- Store a result (or group meta) and wake whoever waits for it, on commit. With
+-- keep_success, a SUCCESS already stored is never overwritten (a late duplicate
+-- delivery must not replace it), as Celery's key/value backends promise.
 WITH stored AS (
-    INSERT INTO {schema}.results AS r (key, state, value, expires_at)
-    VALUES (%(key)s, %(state)s, %(value)s,
-            now() + make_interval(secs => %(expires)s::float8))
+    INSERT INTO {schema}.results AS r (key, state, value, expires_at, task_id, name, worker, queue,
+                                       retries, group_id, parent_id, date_done)
+    VALUES (%(key)s, %(state)s, %(value)s, now() + make_interval(secs => %(expires)s::float8),
+            %(task_id)s, %(task_name)s, %(worker)s, %(queue)s, %(retries)s, %(group_id)s, %(parent_id)s,
+            %(date_done)s)
     ON CONFLICT (key) DO UPDATE SET state = excluded.state, value = excluded.value,
-        updated_at = now(), expires_at = excluded.expires_at
+        updated_at = now(), expires_at = excluded.expires_at, task_id = excluded.task_id,
+        name = excluded.name, worker = excluded.worker, queue = excluded.queue,
+        retries = excluded.retries, group_id = excluded.group_id, parent_id = excluded.parent_id,
+        date_done = excluded.date_done
+        WHERE NOT %(keep_success)s OR r.state IS DISTINCT FROM 'SUCCESS' OR r.expires_at <= now()
     RETURNING r.key
 )
 SELECT pg_notify({schema}.notify_channel(':results'), key) FROM stored;
@@ -257,6 +265,11 @@ WITH counter AS (DELETE FROM {schema}.counters WHERE key = %(key)s RETURNING 1)
 DELETE FROM {schema}.results WHERE key = %(key)s;
 
 -- name: result_expire
+-- Give a result and the counter of the same key (chords) a new lifetime (NULL: forever).
+WITH counter AS (
+    UPDATE {schema}.counters SET expires_at = now() + make_interval(secs => %(seconds)s::float8)
+    WHERE key = %(key)s
+)
 UPDATE {schema}.results SET expires_at = now() + make_interval(secs => %(seconds)s::float8)
 WHERE key = %(key)s;
 
@@ -265,6 +278,24 @@ INSERT INTO {schema}.counters AS c (key, value) VALUES (%(key)s, 1)
 ON CONFLICT (key) DO UPDATE SET value = c.value + 1
 RETURNING c.value;
 
--- name: counter_expire
-UPDATE {schema}.counters SET expires_at = now() + make_interval(secs => %(seconds)s::float8)
-WHERE key = %(key)s;
+-- name: results_prune
+-- Delete up to %(batch)s expired results and as many expired counters. Only the one
+-- process holding the schema's prune lock for this statement deletes anything; the
+-- others see leader = false and try again on their next tick.
+WITH leader AS (
+    SELECT pg_try_advisory_xact_lock(hashtext({schema_name} || ':prune')) AS ok
+), gone AS (
+    DELETE FROM {schema}.results WHERE key IN (
+        SELECT key FROM {schema}.results
+        WHERE expires_at <= now() AND (SELECT ok FROM leader)
+        ORDER BY expires_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+), gone_counters AS (
+    DELETE FROM {schema}.counters WHERE key IN (
+        SELECT key FROM {schema}.counters
+        WHERE expires_at <= now() AND (SELECT ok FROM leader)
+        LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    RETURNING 1
+)
+SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM gone) AS results,
+       (SELECT count(*) FROM gone_counters) AS counters;

@@ -24,6 +24,7 @@ def start_worker(worker_env):
     started: list[Worker] = []
 
     def start(**kwargs) -> Worker:
+        """``overrides={...}`` sets environment variables for this worker only."""
         w = Worker(worker_env, **kwargs)
         started.append(w)
         return w.wait_ready()

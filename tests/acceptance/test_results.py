@@ -4,24 +4,39 @@ from __future__ import annotations
 import time
 
 import pytest
-from celery import chord, group
+from celery import chain, chord, group
+
+from tests.helpers import TcpProxy, wait_for
 
 pytestmark = pytest.mark.acceptance
 
 
 @pytest.fixture
-def results_app(worker_env, broker_url, monkeypatch):
-    """Broker and results both in Postgres; a 30 s fallback poll so that only NOTIFY is fast."""
-    worker_env.update(RESULT_BACKEND=broker_url, RESULT_POLLING_INTERVAL="30")
-    for k, v in worker_env.items():
-        monkeypatch.setenv(k, v)
+def results_app_with(worker_env, broker_url, monkeypatch):
+    """``results_app_with(NAME=value, …)``: the test app with broker and results in Postgres,
+    configured by those environment variables for this process and the workers started
+    after; a 30 s fallback poll, so that only NOTIFY makes ``get()`` fast."""
     import importlib
 
     import tests.apps.celeryapp as module
 
-    module = importlib.reload(module)
-    yield module
-    module.app.close()
+    made = []
+
+    def make(**env):
+        worker_env.update(RESULT_BACKEND=broker_url, RESULT_POLLING_INTERVAL="30", **env)
+        for k, v in worker_env.items():
+            monkeypatch.setenv(k, v)
+        made.append(importlib.reload(module))
+        return made[-1]
+
+    yield make
+    for m in made:
+        m.app.close()
+
+
+@pytest.fixture
+def results_app(results_app_with):
+    return results_app_with()
 
 
 def test_get_wakes_on_notify_and_raises_task_errors(results_app, start_worker, sql):
@@ -83,3 +98,94 @@ def test_result_too_large_is_a_clear_failure(results_app, start_worker):
     with pytest.raises(Exception, match="max_result_size=100000"):
         result.get(timeout=30)
     assert result.state == "FAILURE"
+
+
+def test_result_row_columns_and_extended_fields(results_app_with, start_worker, sql):
+    m = results_app_with(RESULT_EXTENDED="1")
+    start_worker(pool="threads", name="ext")
+    r = m.add.apply_async((2, 5), queue="celery")
+    assert r.get(timeout=20) == 7
+    row = sql("SELECT task_id, state, name, worker, queue, retries, date_done FROM {schema}.results "
+              "WHERE key = %s", f"celery-task-meta-{r.id}")[0]
+    assert row["task_id"] == r.id and row["state"] == "SUCCESS"
+    assert row["name"] == "tests.apps.celeryapp.add" and row["worker"].startswith("ext@")
+    assert row["queue"] == "celery" and row["retries"] == 0 and row["date_done"] is not None
+    fresh = m.app.AsyncResult(r.id)  # read back from the table, not Celery's cache
+    assert (fresh.name, fresh.args, fresh.kwargs, fresh.queue) == ("tests.apps.celeryapp.add", [2, 5], {}, "celery")
+    assert fresh.worker.startswith("ext@") and fresh.date_done is not None
+
+
+def test_pickle_results_and_unserializable_results(results_app_with, start_worker):
+    m = results_app_with(RESULT_SERIALIZER="pickle")
+    start_worker(pool="threads")
+    assert m.when.delay().get(timeout=20) == {"at": __import__("datetime").date(2026, 11, 23), "tags": {"a", "b"}}
+    # The same result under json cannot be encoded: the task fails with the reason.
+    m = results_app_with(RESULT_SERIALIZER="json")
+    start_worker(pool="threads", name="w2", queues="json-q")
+    for task in (m.when, m.unserializable):
+        r = task.apply_async(queue="json-q")
+        with pytest.raises(Exception, match="not JSON serializable") as err:
+            r.get(timeout=20)
+        assert type(err.value).__name__ == "EncodeError" and r.state == "FAILURE"
+
+
+def test_result_written_after_database_outage(results_app_with, start_worker, database_url, sql):
+    """The worker's connection to the results dies while the task runs; the result arrives later."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(database_url)
+    proxy = TcpProxy(u.hostname, u.port or 5432)
+    try:
+        m = results_app_with()
+        via_proxy = m.app.conf.result_backend.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
+        w = start_worker(pool="threads", overrides={"RESULT_BACKEND": via_proxy})
+        r = m.gated.delay("outage")
+        wait_for(lambda: sql("SELECT 1 FROM {schema}.effects WHERE key = 'outage'"), 20, what="task started")
+        proxy.cut()
+        sql("INSERT INTO {schema}.gates VALUES (true)")
+        wait_for(lambda: "Retrying" in w.output(), 30, what="the worker retrying its result write")
+        assert r.state == "PENDING"
+        proxy.restore()
+        assert r.get(timeout=60) == "outage"
+        assert r.state == "SUCCESS"
+    finally:
+        proxy.close()
+
+
+def test_canvas_at_scale(results_app, start_worker):
+    m = results_app
+    start_worker(pool="prefork", concurrency=2)
+    header = chord((m.add.s(i, i) for i in range(1000)), m.tsum.s()).apply_async()
+    # a chain of chords: each header receives the previous result
+    chords = chain(chord([m.add.s(1, 1), m.add.s(2, 2)], m.tsum.s()),
+                   chord([m.add.s(1), m.add.s(2)], m.tsum.s())).apply_async()
+    # a chord in a chain, then a nested group
+    in_chain = chain(m.add.s(1, 1), chord([m.add.s(1), m.add.s(2)], m.tsum.s()), m.add.s(100)).apply_async()
+    nested = group(m.add.s(1, 1), group(m.add.s(2, 2), m.add.s(3, 3))).apply_async()
+    assert chords.get(timeout=60) == 6 + 1 + 6 + 2
+    assert in_chain.get(timeout=60) == 107
+    assert nested.get(timeout=60) == [2, 4, 6]  # Celery flattens a group in a group
+    assert header.get(timeout=180) == sum(2 * i for i in range(1000))
+
+
+def test_expired_results_are_pruned(results_app_with, start_worker, sql):
+    m = results_app_with(RESULT_EXPIRES="1", PRUNE_INTERVAL="0.5")
+    start_worker(pool="threads")
+    r = m.add.delay(1, 1)
+    assert r.get(timeout=20) == 2
+    key = f"celery-task-meta-{r.id}"
+    wait_for(lambda: not sql("SELECT 1 FROM {schema}.results WHERE key = %s", key), 20, what="result pruned")
+
+
+def test_expired_task_is_revoked(results_app, start_worker, sql):
+    from datetime import datetime, timedelta, timezone
+
+    from celery.exceptions import TaskRevokedError
+
+    start_worker(pool="threads")
+    r = results_app.add.apply_async((1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=1))
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=20)
+    assert r.state == "REVOKED"
+    wait_for(lambda: sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s AND state = 'cancelled'", r.id),
+             10, what="job row cancelled")

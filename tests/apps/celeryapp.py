@@ -24,6 +24,7 @@ app.conf.update(
         "heartbeat_interval": 0.5,
         "rescue_after": 2.0,
         "max_result_size": 100_000,
+        "prune_interval": float(os.environ.get("PRUNE_INTERVAL", "60")),
     },
     task_ignore_result=True,
     task_routes={"tests.apps.celeryapp.routed": {"queue": "routed-q"}},
@@ -31,8 +32,12 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if os.environ.get("RESULT_BACKEND"):
+    serializer = os.environ.get("RESULT_SERIALIZER", "json")
     app.conf.update(result_backend=os.environ["RESULT_BACKEND"], task_ignore_result=False,
-                    result_polling_interval=float(os.environ.get("RESULT_POLLING_INTERVAL", "1.0")))
+                    result_polling_interval=float(os.environ.get("RESULT_POLLING_INTERVAL", "1.0")),
+                    result_extended=os.environ.get("RESULT_EXTENDED") == "1",
+                    result_serializer=serializer, result_accept_content=["json", serializer],
+                    result_expires=float(os.environ.get("RESULT_EXPIRES", 86400)))
 
 
 def _db():
@@ -68,6 +73,7 @@ def gated(key):
                 break
             time.sleep(0.05)
     effect(key, "done")
+    return key
 
 
 @app.task(autoretry_for=(ValueError,), retry_backoff=1, retry_jitter=False, max_retries=2)
@@ -92,6 +98,19 @@ def add(x, y):
 @app.task
 def big(size):
     return "x" * size
+
+
+@app.task
+def unserializable():
+    return object()
+
+
+@app.task
+def when():
+    """A result only pickle (or yaml) can carry."""
+    import datetime
+
+    return {"at": datetime.date(2026, 11, 23), "tags": {"a", "b"}}
 
 
 @app.task

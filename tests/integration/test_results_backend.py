@@ -1,0 +1,74 @@
+"""The result backend's storage rules against a real Postgres (no worker: Celery's API only)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+from celery import Celery, states
+
+
+@pytest.fixture
+def make_app(broker_url, transport_options):
+    apps = []
+
+    def make(**conf) -> Celery:
+        app = Celery("results", broker=broker_url, backend=broker_url)
+        app.conf.update({"broker_transport_options": transport_options, **conf})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle", "msgpack", "yaml"])
+def test_serializers_round_trip(make_app, serializer, sql):
+    app = make_app(result_serializer=serializer, result_accept_content=[serializer])
+    value = {"n": 1, "items": [1, 2, 3], "text": "ü"}
+    app.backend.store_result("t-1", value, states.SUCCESS)
+    assert app.AsyncResult("t-1").get(timeout=5) == value
+    row = sql("SELECT state, task_id, date_done FROM {schema}.results WHERE key = 'celery-task-meta-t-1'")[0]
+    assert row["state"] == "SUCCESS" and row["task_id"] == "t-1" and row["date_done"] is not None
+
+
+def test_a_success_is_never_overwritten(make_app):
+    app = make_app()
+    app.backend.store_result("t-2", 42, states.SUCCESS)
+    app.backend.store_result("t-2", RuntimeError("late duplicate"), states.FAILURE)
+    assert app.AsyncResult("t-2").get(timeout=5) == 42
+    app.backend.store_result("t-3", None, states.STARTED)
+    app.backend.store_result("t-3", 7, states.SUCCESS)
+    assert app.AsyncResult("t-3").get(timeout=5) == 7
+
+
+def test_pruning_runs_in_batches_with_one_leader(make_app, transport_options, sql):
+    app = make_app(broker_transport_options={**transport_options, "prune_batch_size": 7})
+    backend = app.backend
+    for i in range(40):
+        backend.store_result(f"old-{i}", i, states.SUCCESS)
+    backend.store_result("fresh", 1, states.SUCCESS)
+    backend.incr("celery-chord-old")
+    sql("UPDATE {schema}.results SET expires_at = now() - interval '1 s' WHERE key LIKE '%%old-%%'")
+    sql("UPDATE {schema}.counters SET expires_at = now() - interval '1 s'")
+    # Expired but not yet pruned results already read as missing.
+    assert app.AsyncResult("old-1").state == states.PENDING
+    counts = []
+    threads = [threading.Thread(target=lambda: counts.append(backend.cleanup())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert backend.cleanup() == 0
+    assert sum(counts) == 40  # every expired result deleted exactly once, whoever led
+    assert [r["key"] for r in sql("SELECT key FROM {schema}.results")] == ["celery-task-meta-fresh"]
+    assert sql("SELECT 1 FROM {schema}.counters") == []
+
+
+def test_result_too_large_is_refused(make_app, transport_options):
+    from pgbroker.errors import ResultTooLarge
+
+    app = make_app(broker_transport_options={**transport_options, "max_result_size": 1000})
+    with pytest.raises(ResultTooLarge, match="max_result_size=1000"):
+        app.backend.store_result("t-4", "x" * 2000, states.SUCCESS)
+    assert app.AsyncResult("t-4").state == states.PENDING
