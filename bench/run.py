@@ -216,13 +216,18 @@ def tree_rss(pgid):
     return total / 1024
 
 
-def run_broker(name, scale):
+METRICS = ["enqueue", "drain_prefork", "drain_threads", "pickup", "roundtrip", "rss"]
+
+
+def run_broker(name, scale, only=METRICS):
     b = Bench(name, *BROKERS[name], scale)
     out = {}
     steps = [("enqueue", b.enqueue), ("drain_prefork", lambda: b.drain("prefork")),
              ("drain_threads", lambda: b.drain("threads")), ("pickup", b.pickup),
              ("roundtrip", b.roundtrip), ("rss", b.rss)]
     for key, fn in steps:
+        if key not in only:
+            continue
         log(f"[{name}] {key} …")
         try:
             out[key] = fn()
@@ -293,22 +298,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--brokers", default=",".join(BROKERS))
     parser.add_argument("--quick", action="store_true", help="divide every count by 10 (smoke test)")
+    parser.add_argument("--only", default=",".join(METRICS), help="comma-separated subset of " + ",".join(METRICS))
     args = parser.parse_args()
     names = [n for n in args.brokers.split(",") if n]
     results = {}
     for name in names:
-        results[name] = subprocess_run(name, 10 if args.quick else 1)
+        results[name] = subprocess_run(name, 10 if args.quick else 1, args.only)
     report = table(results, names)
-    command = "make bench" if not args.quick else "python bench/run.py --quick"
+    partial = args.quick or set(args.only.split(",")) != set(METRICS)
+    command = "make bench" if not partial else "python bench/run.py " + " ".join(sys.argv[1:])
     header = (f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `{command}` "
               f"(brokers: {', '.join(names)}); {versions()}\n\n")
     (HERE / "last_run.md").write_text(header + report + "\n")
     print(header + report)
 
 
-def subprocess_run(name, scale):
+def subprocess_run(name, scale, only):
     """Each broker in a fresh interpreter, so that no client state carries over."""
-    out = subprocess.run([sys.executable, __file__, "--one", name, "--scale", str(scale)],
+    out = subprocess.run([sys.executable, __file__, "--one", name, "--scale", str(scale), "--only", only],
                          stdout=subprocess.PIPE, text=True)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -318,6 +325,6 @@ def subprocess_run(name, scale):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(run_broker(sys.argv[2], int(sys.argv[4]))))
+        print(json.dumps(run_broker(sys.argv[2], int(sys.argv[4]), sys.argv[6].split(","))))
     else:
         main()

@@ -3,7 +3,8 @@
 With PGBROKER_URL unset it starts an embedded PostgreSQL (pgserver) in
 .pgbroker-embedded/. It runs `celery worker` on examples/shop.py, enqueues plain,
 countdown, retrying and failing tasks plus one for an unknown task, shows their
-job rows live in a table, then stops the worker and exits.
+job rows live in a table, runs a chord and a ``delay().get()`` through the
+Postgres result backend, then stops the worker and exits.
 """
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def run(url: str) -> int:
                     time.sleep(0.2)
         console.print("[green]all jobs reached a final state.[/] Each row is one Celery task id, "
                       "across its retries; `errors` holds every failed attempt.")
+        show_results(shop, conninfo)
         return 0
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -113,6 +115,26 @@ def run(url: str) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+
+def show_results(shop, conninfo: str) -> None:
+    """Results in Postgres: a chord completed by a database counter, and get() woken by NOTIFY."""
+    started = time.perf_counter()
+    cents = shop.checkout(["tea", "cake", "scone"]).get(timeout=30)
+    console.print(f"[bold]chord[/] checkout(tea, cake, scone) -> {cents} cents "
+                  f"({(time.perf_counter() - started) * 1000:.0f} ms, 3 header tasks + the body)")
+    started = time.perf_counter()
+    value = shop.add.delay(20, 22).get(timeout=10)
+    console.print(f"[bold]add.delay(20, 22).get()[/] -> {value} in {(time.perf_counter() - started) * 1000:.1f} ms")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        rows = conn.execute(f"SELECT name, state, count(*) FROM {SCHEMA}.results WHERE task_id IS NOT NULL "
+                            "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    t = Table(title="pgbroker results (live from Postgres)")
+    for col in ("task", "state", "results"):
+        t.add_column(col)
+    for name, state, n in rows:
+        t.add_row(name or "?", state, str(n))
+    console.print(t)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""A plain Celery app. The only pgbroker-specific line is the broker URL.
+"""A plain Celery app. The only pgbroker-specific lines are the broker and backend URLs.
 
 Run a worker:   BROKER_URL=pgbroker://user:pass@host/db celery -A shop worker
-Send tasks:     python -c "import shop; shop.add.delay(2, 3)"
+Send tasks:     python -c "import shop; print(shop.add.delay(2, 3).get(timeout=10))"
+A chord:        python -c "import shop; print(shop.checkout(['tea', 'cake']).get(timeout=10))"
 """
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import os
 import random
 import time
 
-from celery import Celery
+from celery import Celery, chord
 
-app = Celery("shop", broker=os.environ.get("BROKER_URL", "pgbroker://localhost/shop"))
+URL = os.environ.get("BROKER_URL", "pgbroker://localhost/shop")
+app = Celery("shop", broker=URL, backend=URL)   # jobs and results in the same Postgres schema
 app.conf.update(
-    task_ignore_result=True,          # results in Postgres arrive with the result backend
     task_acks_late=True,              # at-least-once: a crash mid-task redelivers it
     task_reject_on_worker_lost=True,
     broker_transport_options={"schema": os.environ.get("PGBROKER_SCHEMA", "pgbroker")},
@@ -52,3 +53,23 @@ def import_feed(url):
 @app.task
 def roll():
     return random.randint(1, 6)
+
+
+PRICES = {"tea": 350, "cake": 425, "scone": 275}
+
+
+@app.task
+def price(item):
+    """One chord header part: the price of one item, in cents."""
+    return PRICES[item]
+
+
+@app.task
+def total(prices):
+    """The chord body: runs once, when the database counter says every part is done."""
+    return sum(prices)
+
+
+def checkout(items):
+    """Price every item in parallel, then add them up: ``checkout([...]).get()`` -> cents."""
+    return chord(price.s(item) for item in items)(total.s())
