@@ -16,15 +16,18 @@ options as the transport. Celery finds this class through the
 """
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
 from datetime import datetime
+from collections import OrderedDict
 from typing import Any, Iterable, Iterator
 
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError
+from celery.result import task_join_will_block
 from kombu.utils.encoding import bytes_to_str
 
 from .config import Options, conninfo_from_url, mask_url
@@ -41,25 +44,50 @@ class ResultWaiter:
     """One LISTEN connection per process and database, shared by every waiting thread.
 
     A thread registers the keys it waits for and blocks on an Event; the
-    dispatcher thread sets the Events of the keys it is notified about.
+    dispatcher thread sets the Events of the keys it is notified about and keeps
+    what the notification carried (the stored value, when it fits) for :meth:`take`.
+
+    Keys can also be *expected* before their task is even published
+    (:meth:`ResultBackend.on_task_call`): their notifications are kept too, so a
+    later ``get()`` knows the result is not stored yet without reading it. The
+    expected keys are bounded (oldest dropped first) and forgotten whenever the
+    LISTEN connection breaks; a key not known that way is read.
     """
+
+    MAX_EXPECTED = 1000
 
     def __init__(self, db: Database):
         self.db = db
         self.channel = channel_name(db.options.schema, RESULTS_QUEUE)
         self._watchers: dict[str, set[threading.Event]] = {}
+        self._expected: OrderedDict[str, None] = OrderedDict()
+        self._notified: dict[str, bytes | None] = {}  # for watched and expected keys only
         self._lock = threading.Lock()
         self._listener = db.listener()
         self._listener.listen([self.channel])
         self._listener.fds()  # connect now: notifications from here on are seen
         threading.Thread(target=self._run, name="pgbroker-results", daemon=True).start()
 
-    def watch(self, keys: Iterable[str]) -> threading.Event:
+    def expect(self, key: str) -> None:
+        """Start keeping ``key``'s notifications: call before its task is published."""
+        with self._lock:
+            self._expected[key] = None
+            while len(self._expected) > self.MAX_EXPECTED:
+                old, _ = self._expected.popitem(last=False)
+                if old not in self._watchers:
+                    self._notified.pop(old, None)
+
+    def watch(self, keys: Iterable[str]) -> tuple[threading.Event, set[str]]:
+        """Register a waiter for ``keys``: its Event, and the keys that were expected
+        (every notification of theirs since before they were published was kept)."""
         event = threading.Event()
         with self._lock:
+            known = set()
             for key in keys:
                 self._watchers.setdefault(key, set()).add(event)
-        return event
+                if self._expected.pop(key, 0) is None:
+                    known.add(key)
+        return event, known
 
     def unwatch(self, keys: Iterable[str], event: threading.Event) -> None:
         with self._lock:
@@ -69,6 +97,13 @@ class ResultWaiter:
                     events.discard(event)
                     if not events:
                         del self._watchers[key]
+                        self._notified.pop(key, None)
+
+    def take(self, keys: Iterable[str]) -> dict[str, bytes | None]:
+        """The keys notified since the last call: their stored value when the
+        notification carried it, else None (then it must be read)."""
+        with self._lock:
+            return {k: self._notified.pop(k) for k in keys if k in self._notified}
 
     def _run(self) -> None:
         while True:
@@ -76,11 +111,17 @@ class ResultWaiter:
                 notes = self._listener.wait(5.0)
             except DatabaseUnavailable as exc:  # waiters fall back to polling meanwhile
                 logger.warning("pgbroker: result notifications interrupted (%s); reconnecting", exc)
+                with self._lock:
+                    self._expected.clear()  # notifications may have been missed
                 time.sleep(1.0)
                 continue
             with self._lock:
                 for note in notes:
-                    for event in self._watchers.get(note.payload, ()):
+                    key, _, data = note.payload.partition("\n")
+                    events = self._watchers.get(key)
+                    if events or key in self._expected:
+                        self._notified[key] = base64.b64decode(data) if data else None
+                    for event in events or ():
                         event.set()
 
 
@@ -128,15 +169,14 @@ class ResultBackend(KeyValueStoreBackend):
         # A result must never be dropped because the database blinked: writes are retried
         # (with Celery's backoff, up to result_backend_max_retries) while it is unreachable.
         self.always_retry = True
-        self._db: Database | None = None
 
     @property
     def db(self) -> Database:
-        if self._db is None:
-            db = Database.get(self.conninfo, self.options)
-            db.ensure_ready()
-            self._db = db
-        return self._db
+        """This process's Database (looked up each time: a forked pool child must not use
+        its parent's connections or LISTEN thread, and the registry is per process)."""
+        db = Database.get(self.conninfo, self.options)
+        db.ensure_ready()
+        return db
 
     def as_uri(self, include_password: bool = False) -> str:
         return self.url if include_password else mask_url(self.url)
@@ -231,6 +271,15 @@ class ResultBackend(KeyValueStoreBackend):
 
     # -- waiting: NOTIFY instead of sleeping ---------------------------------------------------------
 
+    def on_task_call(self, producer, task_id):
+        """Before a task is published: if this process already waits for results (its
+        LISTEN connection is open), keep the task's notifications, so that ``get()``
+        needs no query until the result is stored. Never in a worker's task."""
+        waiter = getattr(Database.get(self.conninfo, self.options), "_result_waiter", None)
+        if waiter is not None and not task_join_will_block():
+            waiter.expect(bytes_to_str(self.get_key_for_task(task_id)))
+        return {}
+
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
         """Return the task's meta once it is ready; raise Celery's TimeoutError after ``timeout``."""
         for _, meta in self._wait([task_id], timeout, on_interval, first_only=True):
@@ -256,14 +305,28 @@ class ResultBackend(KeyValueStoreBackend):
         if not pending:
             return
         keys = {bytes_to_str(self.get_key_for_task(t)): t for t in pending}
-        event = _waiter_for(self.db).watch(keys)
+        waiter = _waiter_for(self.db)
+        event, known = waiter.watch(keys)
         deadline = None if timeout is None else time.monotonic() + timeout
-        iterations = 0
+        iterations, woken, first = 0, False, True
         try:
             while pending:
                 event.clear()
                 want = [k for k, t in keys.items() if t in pending]
-                for key, value in zip(want, self.mget(want)):
+                values = waiter.take(want)
+                # Read what the notifications did not carry; at first also every key not
+                # known to be unstored yet, and everything after a polling timeout (a
+                # notification may have been missed).
+                if woken or first:
+                    read = [k for k in want if (k in values and values[k] is None)
+                            or (first and k not in values and k not in known)]
+                else:
+                    read = want
+                first = False
+                if read:
+                    values.update(zip(read, self.mget(read)))
+                for key in want:
+                    value = values.get(key)
                     if value is None:
                         continue
                     meta = self.decode_result(value)
@@ -286,6 +349,6 @@ class ResultBackend(KeyValueStoreBackend):
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         raise TimeoutError(f"The operation timed out ({timeout}).")
-                event.wait(wait)
+                woken = event.wait(wait)
         finally:
             _waiter_for(self.db).unwatch(keys, event)

@@ -56,6 +56,7 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.engine = connection.engine
         self._no_ack_queues: set[str] = set()
+        self._blocked = False  # the last drain found no prefetch room
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -123,11 +124,22 @@ class Channel(virtual.Channel):
         return deliveries[0][0]
 
     def drain_events(self, timeout=None, callback=None):
-        """Claim as many jobs as the prefetch window allows, in one statement, and deliver them."""
-        if not self._consumers or not self.qos.can_consume():
+        """Claim as many jobs as the prefetch window allows, in one statement, and deliver them.
+
+        Tells the connection whether another claim may find more at once: only when
+        this one filled the window's room (otherwise the queues were drained, and the
+        next NOTIFY, freed prefetch room or polling timeout says when to look again).
+        """
+        if not self._consumers:
             raise Empty()
+        self._blocked = True  # set first: an ack from another thread from now on wakes us
+        if not self.qos.can_consume():
+            raise Empty()
+        self._blocked = False
         limit = self.qos.can_consume_max_estimate() or self.engine.db.options.batch_size
         deliveries = self._claim(self._active_queues, limit)
+        if len(deliveries) >= limit:
+            self.connection.claim_due = True
         if not deliveries:
             raise Empty()
         deliver = callback or self.connection._deliver
@@ -161,7 +173,8 @@ class Channel(virtual.Channel):
         job_id, attempt = message.delivery_info["pgbroker_job"]
         entry = error_entry(attempt, error) if error else None
         self.engine.settler.submit(Outcome(job_id, attempt, op, entry))
-        self.connection.wake()  # prefetch room was freed
+        if self._blocked:  # prefetch room was freed for a consumer that had none
+            self.connection.wake()
 
     def _restore(self, message):
         """Give an unacknowledged delivery back to its queue (same row, marked redelivered)."""
@@ -200,6 +213,8 @@ class Transport(virtual.Transport):
         self._owner: str | None = None
         self._declared: set[str] = set()
         self._waiting = False
+        #: Whether a claim may find something now (see drain_events).
+        self.claim_due = True
 
     def as_uri(self, uri: str, include_password=False, mask="**") -> str:
         return uri if include_password else mask_url(uri, mask)
@@ -255,7 +270,9 @@ class Transport(virtual.Transport):
         """Deliver what can be claimed now, else block on LISTEN (never busy-poll).
 
         Wakes on a NOTIFY for a consumed queue, on an ack that frees prefetch room,
-        or after ``polling_interval`` (the fallback for missed notifications).
+        or after ``polling_interval`` (the fallback for missed notifications), and
+        claims only then or when the last claim filled its window: an idle worker
+        does no query between deliveries.
         Raises ``socket.timeout`` after ``timeout`` seconds without a delivery.
         """
         deadline = None if timeout is None else monotonic() + timeout
@@ -264,17 +281,23 @@ class Transport(virtual.Transport):
         self._waiting = True
         try:
             while True:
-                for channel in list(self.channels):
-                    try:
-                        channel.drain_events()
+                if self.claim_due:
+                    self.claim_due = False  # a full claim sets it again
+                    channels = list(self.channels)
+                    for i, channel in enumerate(channels):
+                        try:
+                            channel.drain_events()
+                        except Empty:
+                            continue
+                        if i < len(channels) - 1:  # the channels after it have not looked yet
+                            self.claim_due = True
                         return
-                    except Empty:
-                        continue
                 wait = self.polling_interval
                 if deadline is not None:
                     wait = min(wait, deadline - monotonic())
                     if wait <= 0:
                         raise socket.timeout()
                 self.listener.wait(wait)
+                self.claim_due = True  # a notification, freed prefetch room or the polling timeout
         finally:
             self._waiting = False

@@ -252,9 +252,13 @@ WITH stored AS (
         retries = excluded.retries, group_id = excluded.group_id, parent_id = excluded.parent_id,
         date_done = excluded.date_done
         WHERE NOT %(keep_success)s OR r.state IS DISTINCT FROM 'SUCCESS' OR r.expires_at <= now()
-    RETURNING r.key
+    RETURNING r.key, r.value
 )
-SELECT pg_notify({schema}.notify_channel(':results'), key) FROM stored;
+-- The payload is the key, then (when it fits in NOTIFY's 8000 bytes) a newline and the
+-- value in base64, so that a waiting get() needs no query to read it.
+SELECT pg_notify({schema}.notify_channel(':results'),
+                 key || CASE WHEN octet_length(value) <= 5000 THEN E'\n' || encode(value, 'base64') ELSE '' END)
+FROM stored;
 
 -- name: result_get_many
 SELECT key, value FROM {schema}.results
