@@ -229,6 +229,21 @@ class ResultBackend(KeyValueStoreBackend):
     def expire(self, key, value):
         self.db.fetchall("result_expire", key=bytes_to_str(key), seconds=value)
 
+    def set_chord_size(self, group_id, chord_size):
+        """Celery's canvas tells the real number of parts of a chord header (a chain
+        ending in a group counts each of its tasks); the request's ``chord_size`` may
+        count that group as one."""
+        self.db.fetchall("chord_size_set", key=bytes_to_str(self.get_key_for_chord(group_id)), size=chord_size)
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        """Celery's counter-based chord completion, with the size from :meth:`set_chord_size`."""
+        chord = getattr(request, "chord", None)
+        if getattr(request, "group", None) and isinstance(chord, dict):
+            row = self.db.fetchone("chord_size_get", key=bytes_to_str(self.get_key_for_chord(request.group)))
+            if row and row["size"]:
+                chord["chord_size"] = row["size"]
+        return super().on_chord_part_return(request, state, result, **kwargs)
+
     def exception_safe_to_retry(self, exc):
         """Result writes and reads are retried while the database is unreachable."""
         return isinstance(exc, DatabaseUnavailable)

@@ -282,6 +282,14 @@ INSERT INTO {schema}.counters AS c (key, value) VALUES (%(key)s, 1)
 ON CONFLICT (key) DO UPDATE SET value = c.value + 1
 RETURNING c.value;
 
+-- name: chord_size_set
+-- Record how many header parts complete a chord; parts may already have counted.
+INSERT INTO {schema}.counters AS c (key, value, size) VALUES (%(key)s, 0, %(size)s)
+ON CONFLICT (key) DO UPDATE SET size = excluded.size;
+
+-- name: chord_size_get
+SELECT size FROM {schema}.counters WHERE key = %(key)s;
+
 -- name: results_prune
 -- Delete up to %(batch)s expired results and as many expired counters. Only the one
 -- process holding the schema's prune lock for this statement deletes anything; the

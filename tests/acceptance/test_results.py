@@ -168,6 +168,16 @@ def test_canvas_at_scale(results_app, start_worker):
     assert header.get(timeout=180) == sum(2 * i for i in range(1000))
 
 
+def test_chord_header_with_a_chain_ending_in_a_group(results_app, start_worker):
+    """Three parts complete this chord, not two: completing it at two made the body
+    join a part still waiting for the single pool process (a deadlock)."""
+    m = results_app
+    start_worker(pool="prefork", concurrency=1)
+    deep = chain(m.add.si(1, 0), group(m.add.si(1, 100), chain(m.add.si(1, 200), group(
+        m.add.si(1, 1000), m.add.si(1, 2000)))), m.add.si(1, 10)).apply_async()
+    assert deep.get(timeout=60) == 11
+
+
 def test_expired_results_are_pruned(results_app_with, start_worker, sql):
     m = results_app_with(RESULT_EXPIRES="1", PRUNE_INTERVAL="0.5")
     start_worker(pool="threads")
