@@ -25,8 +25,10 @@ bench: $(VENV)/.installed-dev
 	bash bench/services.sh
 	$(PY) bench/run.py
 
-# Celery's own integration suite against pgbroker (needs the local test database; see README).
+# Celery's own integration suite against pgbroker (one test records ids in Redis, so the
+# services the benchmark uses are brought up too; see README).
 compat: $(VENV)/.installed-dev
+	bash bench/services.sh
 	$(PY) compat/run_celery_suite.py
 
 clean:

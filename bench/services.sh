@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bring up what the benchmark compares against, on 127.0.0.1 only: PostgreSQL (with
-# the pgbroker role and databases), Redis and RabbitMQ. Installs Redis/RabbitMQ when absent.
+# Bring up what the benchmark and `make compat` need, on 127.0.0.1 only: PostgreSQL
+# (with the pgbroker role and databases), Redis and RabbitMQ. Installs Redis/RabbitMQ
+# when absent. Tests (`make test`) need none of this but PostgreSQL.
 set -euo pipefail
 
 if ! command -v redis-server >/dev/null || ! command -v rabbitmq-server >/dev/null; then
@@ -24,6 +25,8 @@ fi
 su postgres -c "psql -v ON_ERROR_STOP=1 -q" <<'SQL'
 SELECT 'CREATE ROLE pgbroker LOGIN SUPERUSER PASSWORD ''pgbroker'''
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgbroker') \gexec
+SELECT 'CREATE DATABASE pgbroker OWNER pgbroker'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker') \gexec
 SELECT 'CREATE DATABASE pgbroker_bench OWNER pgbroker'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker_bench') \gexec
 SELECT 'CREATE DATABASE pgbroker_bench_sqla OWNER pgbroker'

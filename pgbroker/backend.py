@@ -295,6 +295,23 @@ class ResultBackend(KeyValueStoreBackend):
             waiter.expect(bytes_to_str(self.get_key_for_task(task_id)))
         return {}
 
+    def iter_native(self, result, timeout=None, interval=0.5, no_ack=True, on_message=None, on_interval=None):
+        """``ResultSet.join_native()``: also raise the error of a failed task the members
+        were chained after (``a | fails | group(...)``), whose members will never run;
+        ``AsyncResult.get()`` does that check, the native join did not."""
+        parents = {r.parent.id: r.parent for r in (result, *result.results)
+                   if getattr(r, "parent", None) is not None}
+        if parents:
+            def check_parents():
+                for parent in parents.values():
+                    parent._maybe_reraise_parent_error()
+                    parent.maybe_throw()
+                if on_interval:
+                    on_interval()
+
+            return super().iter_native(result, timeout, interval, no_ack, on_message, check_parents)
+        return super().iter_native(result, timeout, interval, no_ack, on_message, on_interval)
+
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
         """Return the task's meta once it is ready; raise Celery's TimeoutError after ``timeout``."""
         for _, meta in self._wait([task_id], timeout, on_interval, first_only=True):
@@ -340,6 +357,11 @@ class ResultBackend(KeyValueStoreBackend):
                 first = False
                 if read:
                     values.update(zip(read, self.mget(read)))
+                # As Celery's Redis backend does after every wake-up: AsyncResult.get()
+                # passes a check that raises a failed parent's own error (a chord whose
+                # header failed raises that task's exception, not the body's ChordError).
+                if on_interval:
+                    on_interval()
                 for key in want:
                     value = values.get(key)
                     if value is None:
@@ -357,8 +379,6 @@ class ResultBackend(KeyValueStoreBackend):
                 iterations += 1
                 if max_iterations and iterations >= max_iterations:
                     return
-                if on_interval:
-                    on_interval()
                 wait = self.polling_interval
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())

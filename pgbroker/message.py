@@ -9,6 +9,7 @@ engine needs into columns: Celery's task id and name, priority, ``eta`` and
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -17,6 +18,8 @@ from kombu.utils.json import dumps, loads
 
 from .config import validate_name
 from .errors import InvalidMessage, MessageTooLarge
+
+logger = logging.getLogger(__name__)
 
 MIN_PRIORITY, MAX_PRIORITY = 0, 9
 
@@ -67,6 +70,25 @@ def priority_of(properties: dict) -> int:
         return MIN_PRIORITY
 
 
+def _properties_json(properties: dict) -> str:
+    """Message properties as JSON. kombu passes a publish call's extra keyword arguments
+    through as properties; AMQP ignores the ones it does not know, and so do we when
+    they cannot be encoded (with a warning naming them), instead of refusing the message."""
+    try:
+        return dumps(properties)
+    except (TypeError, ValueError):
+        pass
+    kept, dropped = {}, []
+    for key, value in properties.items():
+        try:
+            dumps(value)
+            kept[key] = value
+        except (TypeError, ValueError):
+            dropped.append(key)
+    logger.warning("pgbroker: message properties %s cannot be encoded and were not stored", sorted(dropped))
+    return dumps(kept)
+
+
 def to_row(queue: str, message: dict, max_size: int) -> Row:
     """Validate a kombu message for ``queue`` and return its columns."""
     validate_name("queue", queue)
@@ -85,11 +107,11 @@ def to_row(queue: str, message: dict, max_size: int) -> Row:
     if "\x00" in body:
         raise InvalidMessage("message body contains a NUL character; use body_encoding=base64")
     headers = message.get("headers") or {}
-    properties = message.get("properties") or {}
     try:
-        headers_json, properties_json = dumps(headers), dumps(properties)
+        headers_json = dumps(headers)
     except (TypeError, ValueError) as exc:
-        raise InvalidMessage(f"message headers/properties are not serialisable: {exc}") from None
+        raise InvalidMessage(f"message headers are not serialisable: {exc}") from None
+    properties_json = _properties_json(message.get("properties") or {})
     if "\\u0000" in headers_json or "\\u0000" in properties_json:
         raise InvalidMessage("message headers/properties contain a NUL character")
     task_id = headers.get("id")
@@ -98,7 +120,7 @@ def to_row(queue: str, message: dict, max_size: int) -> Row:
         task_id=str(task_id) if task_id is not None and task else None,
         queue=queue,
         task=str(task) if task else None,
-        priority=priority_of(properties),
+        priority=priority_of(message.get("properties") or {}),
         scheduled_at=_when(headers.get("eta"), "eta"),
         expires_at=_when(headers.get("expires"), "expires"),
         retry=bool(headers.get("retries")),

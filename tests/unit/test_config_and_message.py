@@ -77,6 +77,17 @@ def test_bad_messages_are_refused():
         to_row("bad\x00queue", message(), 1000)
 
 
+def test_unencodable_headers_are_refused_but_stray_properties_dropped(caplog):
+    with pytest.raises(InvalidMessage, match="headers are not serialisable"):
+        to_row("q", message(x=object()), 1000)
+    # kombu passes a publish call's extra keyword arguments as properties; AMQP ignores them
+    msg = message()
+    msg["properties"]["signal"] = object()
+    row = to_row("q", msg, 1000)
+    assert '"signal"' not in row.properties and row.priority == 3
+    assert "['signal'] cannot be encoded" in caplog.text
+
+
 def test_priorities_are_clamped():
     assert [priority_of({"priority": p}) for p in (None, -3, 0, 5, 9, 42, "x")] == [0, 0, 0, 5, 9, 9, 0]
 
