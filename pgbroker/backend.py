@@ -3,11 +3,12 @@
 Results live in ``<schema>.results`` beside the jobs (Celery's key/value layout:
 ``celery-task-meta-<id>``, ``celery-taskset-meta-<id>``); chords complete through an
 atomic counter in ``<schema>.counters`` (no ``chord_unlock`` polling task). Storing
-a result sends a NOTIFY in the same statement, so ``AsyncResult.get()``,
-``GroupResult.get()`` and ``join()`` wake as soon as the result commits; they
-re-read every ``result_polling_interval`` seconds (default 1) in case a
-notification was missed, and fetch all ready members of a group in one query
-per wake-up.
+a result sends a NOTIFY in the same statement, carrying the stored value when it
+fits, so ``AsyncResult.get()``, ``GroupResult.get()`` and ``join()`` wake as soon
+as the result commits, usually without a query; they read what the notification
+did not carry (all ready members of a group in one query per wake-up) and re-read
+every ``result_polling_interval`` seconds (default 1) in case a notification was
+missed. Expired rows are pruned by workers (:meth:`ResultBackend.cleanup`).
 
 Options come from ``result_backend_transport_options`` (else
 ``broker_transport_options``): the same ``schema``, pool and ``auto_migrate``
@@ -20,14 +21,14 @@ import base64
 import logging
 import threading
 import time
-from datetime import datetime
 from collections import OrderedDict
+from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError
-from celery.result import task_join_will_block
+from celery.result import ResultSet, task_join_will_block
 from kombu.utils.encoding import bytes_to_str
 
 from .config import Options, conninfo_from_url, mask_url
@@ -37,7 +38,7 @@ from .message import channel_name
 
 logger = logging.getLogger(__name__)
 
-RESULTS_QUEUE = ":results"  # the notify channel results are announced on (payload: the key)
+RESULTS_QUEUE = ":results"  # the notify channel results are announced on (payload: key[\nbase64 value])
 
 
 class ResultWaiter:
@@ -296,21 +297,31 @@ class ResultBackend(KeyValueStoreBackend):
         return {}
 
     def iter_native(self, result, timeout=None, interval=0.5, no_ack=True, on_message=None, on_interval=None):
-        """``ResultSet.join_native()``: also raise the error of a failed task the members
-        were chained after (``a | fails | group(...)``), whose members will never run;
-        ``AsyncResult.get()`` does that check, the native join did not."""
-        parents = {r.parent.id: r.parent for r in (result, *result.results)
-                   if getattr(r, "parent", None) is not None}
-        if parents:
-            def check_parents():
-                for parent in parents.values():
-                    parent._maybe_reraise_parent_error()
-                    parent.maybe_throw()
+        """``GroupResult.join_native()``: the ready members, one query per wake-up.
+
+        Also raises the error of a failed task the group was chained after
+        (``a | fails | group(...)``: its members never run), as ``AsyncResult.get()``
+        does for its own parents, and wakes when that task's result is stored.
+        """
+        self._ensure_not_eager()
+        task_ids = set()
+        for member in result.results:
+            if isinstance(member, ResultSet):
+                yield member.id, member.results
+            else:
+                task_ids.add(member.id)
+        parent, check = getattr(result, "parent", None), on_interval
+        if parent is not None:
+            def check_parent():
+                parent._maybe_reraise_parent_error()
+                parent.maybe_throw()
                 if on_interval:
                     on_interval()
-
-            return super().iter_native(result, timeout, interval, no_ack, on_message, check_parents)
-        return super().iter_native(result, timeout, interval, no_ack, on_message, on_interval)
+            check = check_parent
+        for task_id, meta in self._wait(task_ids, timeout, check, wake_on=[parent.id] if parent else ()):
+            if on_message is not None:
+                on_message(meta)
+            yield task_id, meta
 
     def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
         """Return the task's meta once it is ready; raise Celery's TimeoutError after ``timeout``."""
@@ -326,8 +337,10 @@ class ResultBackend(KeyValueStoreBackend):
                 on_message(meta)
             yield task_id, meta
 
-    def _wait(self, task_ids, timeout, on_interval, first_only=False,
-              max_iterations=None) -> Iterator[tuple[str, dict]]:
+    def _wait(self, task_ids, timeout, on_interval, first_only=False, max_iterations=None,
+              wake_on: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
+        """Yield (task id, meta) as the tasks' results become ready; also wake (and run
+        ``on_interval``) when a result of ``wake_on`` is stored."""
         pending = {bytes_to_str(t) for t in task_ids}
         for task_id in list(pending):  # Celery's cache of results already fetched
             cached = self._cache.get(task_id)
@@ -337,8 +350,9 @@ class ResultBackend(KeyValueStoreBackend):
         if not pending:
             return
         keys = {bytes_to_str(self.get_key_for_task(t)): t for t in pending}
+        watched = [*keys, *(bytes_to_str(self.get_key_for_task(t)) for t in wake_on)]
         waiter = _waiter_for(self.db)
-        event, known = waiter.watch(keys)
+        event, known = waiter.watch(watched)
         deadline = None if timeout is None else time.monotonic() + timeout
         iterations, woken, first = 0, False, True
         try:
@@ -386,4 +400,4 @@ class ResultBackend(KeyValueStoreBackend):
                         raise TimeoutError(f"The operation timed out ({timeout}).")
                 woken = event.wait(wait)
         finally:
-            _waiter_for(self.db).unwatch(keys, event)
+            waiter.unwatch(watched, event)
