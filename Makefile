@@ -25,8 +25,8 @@ bench: $(VENV)/.installed-dev
 	bash bench/services.sh
 	$(PY) bench/run.py
 
-# Celery's own integration suite against pgbroker (one test records ids in Redis, so the
-# services the benchmark uses are brought up too; see README).
+# Celery's own integration suite against pgbroker (brings up PostgreSQL with the test
+# role and database, as the benchmark does; see README).
 compat: $(VENV)/.installed-dev
 	bash bench/services.sh
 	$(PY) compat/run_celery_suite.py

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 from celery import states
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError
-from celery.result import ResultSet, task_join_will_block
+from celery.result import AsyncResult, ResultSet, task_join_will_block
 from kombu.utils.encoding import bytes_to_str
 
 from .config import Options, conninfo_from_url, mask_url
@@ -313,7 +313,8 @@ class ResultBackend(KeyValueStoreBackend):
         parent, check = getattr(result, "parent", None), on_interval
         if parent is not None:
             def check_parent():
-                parent._maybe_reraise_parent_error()
+                if isinstance(parent, AsyncResult):  # a GroupResult parent has no parents of its own
+                    parent._maybe_reraise_parent_error()
                 parent.maybe_throw()
                 if on_interval:
                     on_interval()
