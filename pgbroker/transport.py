@@ -93,7 +93,9 @@ class Channel(virtual.Channel):
         if no_ack:
             self._no_ack_queues.add(queue)
         self.connection.listener.listen([channel_name(self.engine.schema, queue)])
-        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.claim_due = True  # what the queue already holds was never notified to us
+        return result
 
     def basic_cancel(self, consumer_tag):
         queue = self._tag_to_queue.get(consumer_tag)
