@@ -114,13 +114,9 @@ class JobEngine:
 
         Returns ``(kombu message dict, queue)`` pairs in delivery order
         (priority, then age). The rows are ``executing`` and owned by ``consumer``.
-        One round trip (the statement and its transaction are pipelined).
+        One statement, whose commit does not wait for the WAL flush (see the query).
         """
-        # The claim's commit need not wait for the WAL flush: a claim lost in a server
-        # crash leaves its jobs available, to be delivered again (at least once).
-        rows = self.db.run_in_transaction([
-            ("relax_commit", {}), ("claim", {"queues": list(queues), "limit": limit, "consumer": consumer}),
-        ])
+        rows = self.db.fetchall("claim", queues=list(queues), limit=limit, consumer=consumer)
         rows.sort(key=lambda r: (-r["priority"], r["id"]))
         return [(from_row(r), r["queue"]) for r in rows]
 

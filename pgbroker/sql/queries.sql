@@ -65,9 +65,12 @@ WITH input AS (
 -- order (the LATERAL keeps the planner on the index whatever the statistics say);
 -- SKIP LOCKED lets concurrent consumers take disjoint batches; MATERIALIZED keeps
 -- the planner from re-running the LIMITed subquery per row (which could update
--- more rows than asked for).
+-- more rows than asked for). The statement is its own transaction, and its commit
+-- need not wait for the WAL flush (set_config(..., true) lasts for this transaction):
+-- a claim lost in a server crash leaves its jobs available, delivered again later.
 WITH picked AS MATERIALIZED (
     SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
     CROSS JOIN LATERAL (
         SELECT id, priority FROM {schema}.jobs
         WHERE state = 'available' AND queue = q.name
