@@ -107,6 +107,9 @@ def run(url: str) -> int:
         console.print("[green]all jobs reached a final state.[/] Each row is one Celery task id, "
                       "across its retries; `errors` holds every failed attempt.")
         show_results(shop, conninfo)
+        from pgbroker.maintenance import shutdown
+
+        shutdown(shop.app.backend.db)  # before the embedded server stops
         return 0
     finally:
         worker.send_signal(signal.SIGTERM)

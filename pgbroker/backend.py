@@ -64,6 +64,7 @@ class ResultWaiter:
         self._expected: OrderedDict[str, None] = OrderedDict()
         self._notified: dict[str, bytes | None] = {}  # for watched and expected keys only
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._listener = db.listener()
         self._listener.listen([self.channel])
         self._listener.fds()  # connect now: notifications from here on are seen
@@ -106,11 +107,18 @@ class ResultWaiter:
         with self._lock:
             return {k: self._notified.pop(k) for k in keys if k in self._notified}
 
+    def close(self) -> None:
+        """Stop listening (the process is done with this database)."""
+        self._closed.set()
+        self._listener.wake()
+
     def _run(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 notes = self._listener.wait(5.0)
             except DatabaseUnavailable as exc:  # waiters fall back to polling meanwhile
+                if self._closed.is_set():
+                    break
                 logger.warning("pgbroker: result notifications interrupted (%s); reconnecting", exc)
                 with self._lock:
                     self._expected.clear()  # notifications may have been missed
@@ -124,6 +132,7 @@ class ResultWaiter:
                         self._notified[key] = base64.b64decode(data) if data else None
                     for event in events or ():
                         event.set()
+        self._listener.close()
 
 
 _waiters_lock = threading.Lock()

@@ -132,4 +132,7 @@ def shutdown(db) -> None:
         m.stop()
     if engine._settler is not None:
         engine._settler.close()
+    waiter = db.__dict__.pop("_result_waiter", None)
+    if waiter is not None:
+        waiter.close()
     db.close()
