@@ -214,18 +214,27 @@ class Listener:
         """(LISTEN socket, wake-up pipe): what :meth:`wait` selects on."""
         return self._connection().fileno(), self._wake_r
 
-    def consume(self) -> list[psycopg.Notify]:
-        """Without blocking, take the notifications received and empty the wake-up pipe."""
+    def _drain_wake_pipe(self) -> bool:
+        """Empty the wake-up pipe; True if a wake-up was pending."""
+        woken = False
         try:
             while os.read(self._wake_r, 4096):
-                pass
+                woken = True
         except BlockingIOError:
             pass
+        return woken
+
+    def _notifies(self) -> list[psycopg.Notify]:
         try:
             return list(self._connection().notifies(timeout=0))
         except (psycopg.OperationalError, ValueError, OSError) as exc:
             self.close_connection()
             raise DatabaseUnavailable(f"LISTEN connection to {self.db.safe_url} lost: {exc}") from exc
+
+    def consume(self) -> list[psycopg.Notify]:
+        """Without blocking, take the notifications received and empty the wake-up pipe."""
+        self._drain_wake_pipe()
+        return self._notifies()
 
     def wait(self, timeout: float) -> list[psycopg.Notify]:
         """Block up to ``timeout`` seconds for a notification or a wake-up.
@@ -233,10 +242,13 @@ class Listener:
         Returns the notifications received (empty on timeout or wake-up).
         Raises DatabaseUnavailable when the LISTEN connection is lost.
         """
-        # Notifications may already sit in the driver's buffer (read along with an
-        # earlier reply), where select() cannot see them.
-        notified = self.consume()
-        if notified:
+        # A wake-up sent before this call must end it at once (an ack that freed
+        # prefetch room just before we got here), and notifications may already sit
+        # in the driver's buffer (read along with an earlier reply), where select()
+        # cannot see them.
+        woken = self._drain_wake_pipe()
+        notified = self._notifies()
+        if notified or woken:
             return notified
         try:
             select.select(list(self.fds()), [], [], max(timeout, 0))

@@ -245,3 +245,21 @@ def test_settler_isolates_a_refused_outcome(engine, sql, connection):
     engine.settler.submit(Outcome(*jobs_[2], "completed"))
     assert engine.settler.flush()
     assert [r["state"] for r in jobs(sql)] == ["completed", "executing", "completed"]
+
+
+def test_a_wake_up_sent_before_the_wait_ends_it_at_once(db):
+    """An ack that frees prefetch room just before the consumer starts waiting must not
+    be lost (it was: the wait emptied the wake-up pipe and slept a polling interval)."""
+    listener = db.listener()
+    try:
+        listener.listen(["pgb_wake_test"])
+        listener.fds()
+        listener.wake()
+        started = time.monotonic()
+        assert listener.wait(10.0) == []
+        assert time.monotonic() - started < 1.0
+        started = time.monotonic()  # and the wake-up is used up: the next wait times out
+        listener.wait(0.2)
+        assert time.monotonic() - started >= 0.2
+    finally:
+        listener.close()
