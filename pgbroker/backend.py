@@ -135,12 +135,12 @@ class ResultWaiter:
         self._listener.close()
 
 
-_waiters_lock = threading.Lock()
+_per_db_lock = threading.Lock()  # guards the waiter and pruner cached on a Database
 
 
 def _waiter_for(db: Database) -> ResultWaiter:
     """The process's ResultWaiter for ``db``, cached on it (as engine_for caches the engine)."""
-    with _waiters_lock:
+    with _per_db_lock:
         waiter = getattr(db, "_result_waiter", None)
         if waiter is None:
             waiter = db._result_waiter = ResultWaiter(db)
@@ -276,23 +276,24 @@ class ResultBackend(KeyValueStoreBackend):
 
     def start_pruner(self) -> None:
         """Run :meth:`cleanup` every ``prune_interval`` seconds in a daemon thread (once per
-        process and database); the worker's main process starts it."""
-        with _waiters_lock:
-            if getattr(self.db, "_result_pruner", None) is not None:
+        process and database, until :func:`pgbroker.maintenance.shutdown`); the worker's
+        main process starts it."""
+        db = self.db
+        with _per_db_lock:
+            if getattr(db, "_result_pruner", None) is not None:
                 return
-            self.db._result_pruner = threading.Thread(target=self._prune_forever, name="pgbroker-pruner",
-                                                      daemon=True)
-        self.db._result_pruner.start()
+            stop = db._result_pruner = threading.Event()
+        threading.Thread(target=self._prune_until, args=(stop,), name="pgbroker-pruner", daemon=True).start()
 
-    def _prune_forever(self) -> None:
-        while True:
+    def _prune_until(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 removed = self.cleanup()
                 if removed:
                     logger.info("pgbroker: pruned %d expired results", removed)
             except Exception as exc:  # the next tick retries
                 logger.warning("pgbroker: pruning expired results failed (%s)", exc)
-            time.sleep(self.options.prune_interval)
+            stop.wait(self.options.prune_interval)
 
     # -- waiting: NOTIFY instead of sleeping ---------------------------------------------------------
 

@@ -132,7 +132,10 @@ def shutdown(db) -> None:
         m.stop()
     if engine._settler is not None:
         engine._settler.close()
-    waiter = db.__dict__.pop("_result_waiter", None)
+    waiter = db.__dict__.pop("_result_waiter", None)  # the result backend's listener and pruner
     if waiter is not None:
         waiter.close()
+    pruner = db.__dict__.pop("_result_pruner", None)
+    if pruner is not None:
+        pruner.set()
     db.close()
