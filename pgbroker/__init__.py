@@ -12,6 +12,7 @@ import _pgbroker_alias
 __version__ = "0.1.0"
 
 __all__ = [
+    "atomic",
     "Database",
     "JobEngine",
     "JobState",
@@ -26,9 +27,14 @@ __all__ = [
     "DatabaseUnavailable",
     "SchemaNotReady",
     "ConfigurationError",
+    "TransactionError",
+    "ForeignTransaction",
+    "NotInTransaction",
+    "TransactionFailed",
 ]
 
 _LAZY = {
+    "atomic": "pgbroker.enqueue",
     "Database": "pgbroker.db",
     "JobEngine": "pgbroker.engine",
     "JobState": "pgbroker.types",
@@ -43,6 +49,10 @@ _LAZY = {
     "DatabaseUnavailable": "pgbroker.errors",
     "SchemaNotReady": "pgbroker.errors",
     "ConfigurationError": "pgbroker.errors",
+    "TransactionError": "pgbroker.errors",
+    "ForeignTransaction": "pgbroker.errors",
+    "NotInTransaction": "pgbroker.errors",
+    "TransactionFailed": "pgbroker.errors",
 }
 
 _pgbroker_alias.install()
@@ -50,9 +60,11 @@ _pgbroker_alias.install()
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Options
     from .db import Database
+    from .enqueue import atomic
     from .engine import JobEngine
-    from .errors import (ConfigurationError, DatabaseUnavailable, InvalidMessage, InvalidName,
-                         MessageTooLarge, PgBrokerError, SchemaNotReady)
+    from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidMessage,
+                         InvalidName, MessageTooLarge, NotInTransaction, PgBrokerError, SchemaNotReady,
+                         TransactionError, TransactionFailed)
     from .schema import install_sql, migrate
     from .types import Job, JobState
 

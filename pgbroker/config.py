@@ -76,6 +76,13 @@ class Options:
     prune_interval: float = 60.0
     #: Most rows one pruning statement deletes.
     prune_batch_size: int = 1000
+    #: Inside Django's ``transaction.atomic()``, publishes join the transaction without
+    #: ``pgbroker.atomic()`` (on the ``django_database`` connection).
+    join_django_atomic: bool = False
+    django_database: str = "default"
+    #: When a caller's transaction is on another database than the broker's:
+    #: ``"error"`` (raise ForeignTransaction) or ``"after_commit"`` (publish after its commit).
+    foreign_transaction: str = "error"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "Options":
@@ -109,6 +116,10 @@ class Options:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.pool_max_size < self.pool_min_size:
             raise ConfigurationError("pool_max_size must be >= pool_min_size")
+        if self.foreign_transaction not in ("error", "after_commit"):
+            raise ConfigurationError(
+                f"foreign_transaction must be 'error' or 'after_commit', got {self.foreign_transaction!r}"
+            )
         if self.synchronous_commit not in (None, "on", "off", "local", "remote_write", "remote_apply"):
             raise ConfigurationError(f"synchronous_commit={self.synchronous_commit!r} is not a Postgres value")
 

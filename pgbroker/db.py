@@ -18,6 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from . import enqueue as _enqueue
 from . import schema as _schema
 from .config import Options, mask_url
 from .errors import DatabaseUnavailable, SchemaNotReady
@@ -65,6 +66,7 @@ class Database:
             name=f"pgbroker-{os.getpid()}",
         )
         self._opened = False
+        self._identity: tuple | None = None
 
     @classmethod
     def get(cls, conninfo: str, options: Options) -> "Database":
@@ -135,7 +137,17 @@ class Database:
             yield conn
 
     def fetchall(self, name: str, conn: psycopg.Connection | None = None, **params: Any) -> list[dict]:
-        """Run the named query and return its rows as dicts."""
+        """Run the named query and return its rows as dicts.
+
+        Inside ``pgbroker.atomic()`` (or a Django atomic block when configured) the
+        statement runs in the caller's transaction instead of on the pool.
+        """
+        if conn is None:
+            binding = _enqueue.current() or _enqueue.django_binding(self.options)
+            if binding is not None:
+                rows = binding.fetchall(self, name, params)
+                if rows is not None:
+                    return rows
         if conn is not None:
             with conn.cursor(row_factory=dict_row) as cur:
                 cur.execute(self.q[name], params)
@@ -146,6 +158,13 @@ class Database:
     def fetchone(self, name: str, conn: psycopg.Connection | None = None, **params: Any) -> dict | None:
         rows = self.fetchall(name, conn, **params)
         return rows[0] if rows else None
+
+    def identity(self) -> tuple:
+        """What ``database_identity`` says of this database (queried once)."""
+        if self._identity is None:
+            with self.connection() as conn:
+                self._identity = tuple(self.fetchall("database_identity", conn)[0].values())
+        return self._identity
 
     def run_in_transaction(self, statements: Sequence[tuple[str, dict]]) -> list[dict]:
         """Run named statements in one transaction and one round trip; rows of the last one."""

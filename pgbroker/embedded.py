@@ -12,8 +12,12 @@ from pathlib import Path
 DEFAULT_DIR = Path(os.environ.get("PGBROKER_EMBEDDED_DIR", Path.cwd() / ".pgbroker-embedded"))
 
 
-def start(datadir: str | os.PathLike | None = None) -> str:
-    """Start (or reuse) the embedded server; returns a ``postgresql://`` URL for it."""
+def start(datadir: str | os.PathLike | None = None, settings: dict[str, str] | None = None) -> str:
+    """Start (or reuse) the embedded server; returns a ``postgresql://`` URL for it.
+
+    ``settings``: server parameters it must run with (e.g. ``{"max_connections": "300"}``);
+    a server running with other values is reconfigured and restarted.
+    """
     try:
         import pgserver
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -21,7 +25,20 @@ def start(datadir: str | os.PathLike | None = None) -> str:
     path = Path(datadir or DEFAULT_DIR).resolve()
     path.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(str(path), cleanup_mode=None)
-    return server.get_uri()
+    url = server.get_uri()
+    if settings:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            changed = False
+            for name, value in settings.items():
+                if conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] != str(value):
+                    conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")  # names are ours, not user input
+                    changed = True
+        if changed:
+            stop(path)
+            url = pgserver.get_server(str(path), cleanup_mode=None).get_uri()
+    return url
 
 
 def stop(datadir: str | os.PathLike | None = None) -> None:

@@ -76,14 +76,16 @@ class JobEngine:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def enqueue(self, queue: str, message: dict, conn: psycopg.Connection | None = None) -> int:
+    def enqueue(self, queue: str, message: dict, conn: psycopg.Connection | None = None) -> int | None:
         """Store one kombu message for ``queue``; returns the job id.
 
-        With ``conn``, the row is written on the caller's connection and so
-        belongs to the caller's transaction (and so does its NOTIFY).
+        With ``conn``, or inside ``pgbroker.atomic()``, the row is written on the
+        caller's connection and so belongs to the caller's transaction (and so does
+        its NOTIFY). None when the write waits for the end of an async ``atomic()``
+        block or for the caller's commit.
         """
-        row = to_row(queue, message, self.db.options.max_message_size)
-        return self.db.fetchone("enqueue", conn, **vars(row))["id"]
+        row = self.db.fetchone("enqueue", conn, **vars(to_row(queue, message, self.db.options.max_message_size)))
+        return row["id"] if row else None
 
     def enqueue_many(
         self, items: Sequence[tuple[str, dict]], conn: psycopg.Connection | None = None

@@ -52,6 +52,26 @@ class SchemaNotReady(PgBrokerError):
     """The database has no (or an older) pgbroker schema and auto-migration is off."""
 
 
+class TransactionError(PgBrokerError):
+    """Publishing inside a caller's transaction (``pgbroker.atomic``) is not possible."""
+
+
+class ForeignTransaction(TransactionError):
+    """The caller's connection is not to the broker's database, so jobs cannot join its transaction."""
+
+
+class NotInTransaction(TransactionError):
+    """``pgbroker.atomic()`` was given a connection with no open transaction (or a failed one)."""
+
+
+class TransactionFailed(TransactionError):
+    """A statement pgbroker ran in the caller's transaction failed (the cause is chained).
+
+    Not a connection error on purpose: retrying a publish inside the caller's
+    (now aborted) transaction cannot succeed, the caller has to roll back.
+    """
+
+
 class DatabaseUnavailable(PgBrokerError, ConnectionError):
     """The database could not be reached (wraps the driver's error, password masked)."""
 

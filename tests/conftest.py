@@ -40,7 +40,8 @@ def database_url() -> str:
         return LOCAL_URL
     from pgbroker import embedded
 
-    return embedded.start(ROOT / ".pgbroker-embedded" / "tests")
+    # One test holds 100 transactions open at once, beside workers and fixtures.
+    return embedded.start(ROOT / ".pgbroker-embedded" / "tests", settings={"max_connections": "300"})
 
 
 @pytest.fixture

@@ -314,3 +314,14 @@ WITH leader AS (
 )
 SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM gone) AS results,
        (SELECT count(*) FROM gone_counters) AS counters;
+
+-- name: database_identity
+-- Which database a connection reaches: the same values from two connections mean
+-- the same database of the same server (a caller's transaction can then hold jobs).
+-- The system identifier is read only where the role may (managed servers may not
+-- allow it); the server's start time and port then still tell servers apart.
+SELECT current_database() AS database,
+       CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
+            THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system,
+       pg_postmaster_start_time()::text AS started,
+       inet_server_port() AS port;

@@ -25,6 +25,7 @@ app.conf.update(
         "rescue_after": 2.0,
         "max_result_size": 100_000,
         "prune_interval": float(os.environ.get("PRUNE_INTERVAL", "60")),
+        "join_django_atomic": os.environ.get("PGBROKER_JOIN_DJANGO") == "1",
     },
     task_ignore_result=True,
     task_routes={"tests.apps.celeryapp.routed": {"queue": "routed-q"}},
@@ -88,6 +89,14 @@ def fails_twice(self, key):
     if self.request.retries < 2:
         raise self.retry(exc=RuntimeError(f"transient {self.request.retries}"), countdown=0.2)
     effect(key, "done")
+
+
+@app.task
+def started_at(key):
+    """Record the run and return when it started (time.time())."""
+    at = time.time()
+    effect(key)
+    return at
 
 
 @app.task

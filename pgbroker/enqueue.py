@@ -1,0 +1,437 @@
+"""Publishing inside the caller's database transaction.
+
+``.delay()``/``apply_async()`` write their job with the caller's connection, so the
+job is part of the caller's transaction: rollback and it never existed, commit and
+it runs (its NOTIFY is sent on commit too)::
+
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        with pgbroker.atomic(session):
+            charge.delay(order.id)           # an AsyncResult with its id, at once
+
+``atomic()`` accepts a SQLAlchemy ``Session``/``Connection``, a Django connection
+(or alias), a psycopg 3 or psycopg2 connection, and — with ``async with`` — a
+SQLAlchemy ``AsyncSession``/``AsyncConnection`` or a psycopg ``AsyncConnection``.
+No framework is imported unless its object is passed in.
+
+While bound, every pgbroker statement this thread (or asyncio task) runs against
+the broker's database goes through the caller's connection: job rows, chord
+counters and saved group results of a canvas are written atomically with it. The
+caller's connection must reach the broker's own database (checked once per
+connection); otherwise :class:`~pgbroker.errors.ForeignTransaction` is raised, or,
+with ``foreign="after_commit"``, the publishes wait for the caller's commit and go
+out through pgbroker's own pool (SQLAlchemy ``Session`` and Django only: they are
+the callers that say when they commit).
+
+Async callers: Celery publishes synchronously, so inside ``async with atomic(...)``
+publishes are collected and written with the caller's connection when the block
+exits (still inside the caller's transaction, before its commit).
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import ConfigurationError, ForeignTransaction, NotInTransaction, TransactionFailed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .db import Database
+
+#: Statements that publishing runs (jobs, saved group results, chord sizes): the ones
+#: that can wait for an async block's end or for the caller's commit.
+DEFERRABLE = frozenset({"enqueue", "enqueue_many", "result_set", "chord_size_set"})
+
+_binding: ContextVar["Binding | None"] = ContextVar("pgbroker_binding", default=None)
+#: Database identity of each caller connection already checked (by DB-API connection).
+_identities: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def current() -> "Binding | None":
+    """The binding in effect for this thread / asyncio task, if any."""
+    return _binding.get()
+
+
+# -- caller connections -----------------------------------------------------------------------
+
+
+def _package(obj: Any) -> str:
+    """The top-level package that defines ``obj``'s class (nothing is imported to tell)."""
+    return (type(obj).__module__ or "").split(".")[0]
+
+
+def _dbapi_rows(cursor) -> list[dict]:
+    if cursor.description is None:
+        return []
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+class _Psycopg:
+    """A psycopg 3 connection (sync)."""
+
+    def __init__(self, conn):
+        self.raw = conn
+
+    def execute(self, sql: str, params: dict) -> list[dict]:
+        with self.raw.cursor() as cur:
+            cur.execute(sql, params)
+            return _dbapi_rows(cur)
+
+    def in_transaction(self) -> bool:
+        from psycopg import pq
+
+        status = self.raw.info.transaction_status
+        if status == pq.TransactionStatus.INERROR:
+            raise NotInTransaction("the caller's transaction has already failed (roll it back first)")
+        return status == pq.TransactionStatus.INTRANS or not self.raw.autocommit
+
+    def name(self) -> str:
+        return "psycopg connection"
+
+
+class _Psycopg2(_Psycopg):
+    """A psycopg2 connection."""
+
+    def in_transaction(self) -> bool:
+        status = self.raw.get_transaction_status()  # 0 idle, 1 active, 2 in transaction, 3 in error
+        if status == 3:
+            raise NotInTransaction("the caller's transaction has already failed (roll it back first)")
+        return status == 2 or not self.raw.autocommit
+
+    def name(self) -> str:
+        return "psycopg2 connection"
+
+
+class _SQLAlchemy:
+    """A SQLAlchemy Connection (a Session is unwrapped to its connection, which begins it)."""
+
+    def __init__(self, conn, session=None):
+        self.conn = conn
+        self.session = session
+        self.raw = conn.connection.driver_connection
+
+    def execute(self, sql: str, params: dict) -> list[dict]:
+        # exec_driver_sql hands the statement to the driver as it is (pyformat
+        # parameters for both psycopg dialects) and begins SQLAlchemy's transaction
+        # exactly as any statement of the caller would.
+        return [dict(r) for r in self.conn.exec_driver_sql(sql, params).mappings()]
+
+    def in_transaction(self) -> bool:
+        return True  # SQLAlchemy 2 begins one on the first statement; commit() ends it
+
+    def name(self) -> str:
+        return "SQLAlchemy session" if self.session is not None else "SQLAlchemy connection"
+
+
+class _Django:
+    """A Django database connection (psycopg 3 or psycopg2 underneath)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        conn.ensure_connection()
+        self.raw = conn.connection
+
+    def execute(self, sql: str, params: dict) -> list[dict]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return _dbapi_rows(cur)
+
+    def in_transaction(self) -> bool:
+        return self.conn.in_atomic_block or not self.conn.get_autocommit()
+
+    def name(self) -> str:
+        return f"Django connection {self.conn.alias!r}"
+
+
+def _unwrap(obj: Any):
+    """An adapter for a sync caller connection, or None when ``obj`` is not one."""
+    package = _package(obj)
+    if package == "psycopg2":
+        return _Psycopg2(obj)
+    if package == "psycopg" and type(obj).__name__ == "Connection":
+        return _Psycopg(obj)
+    if package == "sqlalchemy":
+        from sqlalchemy.engine import Connection
+        from sqlalchemy.orm import Session
+
+        if isinstance(obj, Session):
+            return _SQLAlchemy(obj.connection(), session=obj)
+        if isinstance(obj, Connection):
+            return _SQLAlchemy(obj)
+    if package == "django":
+        return _Django(obj)
+    if isinstance(obj, str) and "django.db" in sys.modules:  # a Django database alias
+        from django.db import connections
+
+        return _Django(connections[obj])
+    return None
+
+
+def _unwrap_async(obj: Any):
+    package = _package(obj)
+    if package == "psycopg" and type(obj).__name__ == "AsyncConnection":
+        return _AsyncPsycopg(obj)
+    if package == "sqlalchemy":
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+        if isinstance(obj, (AsyncSession, AsyncConnection)):
+            return _AsyncSQLAlchemy(obj)
+    return None
+
+
+class _AsyncPsycopg:
+    def __init__(self, conn):
+        self.raw = conn
+
+    async def open(self) -> None:
+        pass
+
+    async def execute(self, sql: str, params: dict) -> list[dict]:
+        async with self.raw.cursor() as cur:
+            await cur.execute(sql, params)
+            if cur.description is None:
+                return []
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in await cur.fetchall()]
+
+    def in_transaction(self) -> bool:
+        return _Psycopg.in_transaction(self)  # same attributes on the async connection
+
+
+class _AsyncSQLAlchemy:
+    def __init__(self, obj):
+        self.obj = obj
+        self.conn = None
+        self.raw = None
+
+    async def open(self) -> None:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        self.conn = await self.obj.connection() if isinstance(self.obj, AsyncSession) else self.obj
+        self.raw = (await self.conn.get_raw_connection()).driver_connection
+
+    async def execute(self, sql: str, params: dict) -> list[dict]:
+        return [dict(r) for r in (await self.conn.exec_driver_sql(sql, params)).mappings()]
+
+    def in_transaction(self) -> bool:
+        return True
+
+
+# -- bindings ---------------------------------------------------------------------------------
+
+
+def _foreign_error(db: "Database", caller_identity: tuple, who: str) -> ForeignTransaction:
+    mine = db.identity()
+    return ForeignTransaction(
+        f"cannot publish inside the transaction of this {who}: it is connected to database "
+        f"{caller_identity[0]!r} (server started {caller_identity[2]}), while the broker "
+        f"{db.safe_url} is database {mine[0]!r} (server started {mine[2]}). Jobs can only "
+        f"join a transaction of the broker's own database; pass foreign='after_commit' to "
+        f"publish after the commit instead (SQLAlchemy Session and Django only)."
+    )
+
+
+class Binding:
+    """A caller's open transaction that pgbroker statements join (see :func:`atomic`)."""
+
+    def __init__(self, adapter, foreign: str = "error"):
+        self.adapter = adapter
+        self.foreign = foreign
+        self._deferred: list[tuple["Database", str, dict]] | None = None
+
+    def _identity(self, db: "Database") -> tuple:
+        raw = self.adapter.raw
+        identity = _identities.get(raw)
+        if identity is None:
+            rows = self._execute_raw(db.q["database_identity"], {})
+            identity = _identities[raw] = tuple(rows[0].values())
+        return identity
+
+    def _execute_raw(self, sql: str, params: dict) -> list[dict]:
+        try:
+            return self.adapter.execute(sql, params)
+        except Exception as exc:
+            raise TransactionFailed(
+                f"writing to the caller's transaction ({self.adapter.name()}) failed: {exc}"
+            ) from exc
+
+    def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
+        """Run a named statement in the caller's transaction; None: not ours, use the pool."""
+        if not self.adapter.in_transaction():
+            raise NotInTransaction(
+                f"pgbroker.atomic() needs an open transaction on the {self.adapter.name()} "
+                f"(it is in autocommit mode and no transaction was begun)"
+            )
+        identity = self._identity(db)
+        if identity != db.identity():
+            if self.foreign != "after_commit":
+                raise _foreign_error(db, identity, self.adapter.name())
+            if name not in DEFERRABLE:
+                return None
+            self._defer_until_commit(db, name, params)
+            return []
+        return self._execute_raw(db.q[name], params)
+
+    def _defer_until_commit(self, db: "Database", name: str, params: dict) -> None:
+        run = lambda: db.fetchall(name, **params)  # noqa: E731 - runs with no binding in effect
+        adapter = self.adapter
+        if isinstance(adapter, _Django):
+            from django.db import transaction
+
+            transaction.on_commit(_unbound(run), using=adapter.conn.alias)
+        elif isinstance(adapter, _SQLAlchemy) and adapter.session is not None:
+            _after_session_commit(adapter.session, _unbound(run))
+        else:
+            raise ForeignTransaction(
+                f"foreign='after_commit' needs a SQLAlchemy Session or a Django connection to know "
+                f"when the transaction commits; a {adapter.name()} does not say"
+            )
+
+
+class AsyncBinding(Binding):
+    """Collects the statements of an ``async with atomic(...)`` block, written at its end."""
+
+    def __init__(self, adapter):
+        super().__init__(adapter)
+        self.pending: list[tuple["Database", str, dict]] = []
+
+    def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
+        if name not in DEFERRABLE:
+            return None  # reads and other statements run on the pool, as outside the block
+        self.pending.append((db, name, params))
+        return []
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        if not self.adapter.in_transaction():
+            raise NotInTransaction("pgbroker.atomic() needs an open transaction on the async connection")
+        try:
+            raw_identity = _identities.get(self.adapter.raw)
+            if raw_identity is None:
+                rows = await self.adapter.execute(self.pending[0][0].q["database_identity"], {})
+                raw_identity = _identities[self.adapter.raw] = tuple(rows[0].values())
+            for db, name, params in self.pending:
+                if raw_identity != db.identity():
+                    raise _foreign_error(db, raw_identity, "async connection")
+                await self.adapter.execute(db.q[name], params)
+        except (ForeignTransaction, NotInTransaction):
+            raise
+        except Exception as exc:
+            raise TransactionFailed(f"writing to the caller's transaction failed: {exc}") from exc
+        finally:
+            self.pending.clear()
+
+
+def _unbound(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with no binding in effect (commit hooks may fire inside another atomic())."""
+
+    def run():
+        token = _binding.set(None)
+        try:
+            fn()
+        finally:
+            _binding.reset(token)
+
+    return run
+
+
+def _after_session_commit(session, fn: Callable[[], Any]) -> None:
+    """Run ``fn`` once the SQLAlchemy session commits the transaction open now.
+
+    A savepoint that rolls back takes its callbacks with it; one that is released
+    hands them to its parent; the outermost transaction runs them after its commit.
+    """
+    state = session.info.get("pgbroker_after_commit")
+    if state is None:
+        from sqlalchemy import event
+
+        state = session.info["pgbroker_after_commit"] = {"callbacks": {}, "committed": set()}
+        callbacks, committed = state["callbacks"], state["committed"]
+
+        def on_commit(sess):  # the root transaction is still current here
+            committed.add(sess.get_transaction())
+
+        def on_rollback(sess, previous):
+            callbacks.pop(previous, None)
+
+        def on_end(sess, transaction):
+            pending = callbacks.pop(transaction, None)
+            was_committed = transaction in committed
+            committed.discard(transaction)
+            if not pending:
+                return
+            if transaction.parent is not None:  # a released savepoint
+                callbacks.setdefault(transaction.parent, []).extend(pending)
+            elif was_committed:
+                for callback in pending:
+                    callback()
+
+        event.listen(session, "after_commit", on_commit)
+        event.listen(session, "after_soft_rollback", on_rollback)
+        event.listen(session, "after_transaction_end", on_end)
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    state["callbacks"].setdefault(transaction, []).append(fn)
+
+
+class atomic:  # noqa: N801 - used like a function: `with pgbroker.atomic(session):`
+    """Bind pgbroker's publishes to the caller's open transaction (see the module docs).
+
+    ``conn``: a SQLAlchemy ``Session``/``Connection``, a Django connection or alias,
+    a psycopg 3 / psycopg2 connection (``with``), or a SQLAlchemy ``AsyncSession`` /
+    ``AsyncConnection`` / psycopg ``AsyncConnection`` (``async with``).
+    ``foreign``: what to do when that connection is not to the broker's database:
+    ``"error"`` (default, raise :class:`~pgbroker.errors.ForeignTransaction`) or
+    ``"after_commit"`` (publish once the caller commits; Session and Django only).
+    """
+
+    def __init__(self, conn: Any, *, foreign: str = "error"):
+        if foreign not in ("error", "after_commit"):
+            raise ConfigurationError(f"foreign must be 'error' or 'after_commit', got {foreign!r}")
+        self.conn = conn
+        self.foreign = foreign
+        self._token: Token | None = None
+        self.binding: Binding | None = None
+
+    def __enter__(self) -> Binding:
+        adapter = _unwrap(self.conn)
+        if adapter is None:
+            if _unwrap_async(self.conn) is not None:
+                raise TypeError(f"{type(self.conn).__name__} is asynchronous: use `async with pgbroker.atomic(...)`")
+            raise TypeError(f"pgbroker.atomic() cannot bind to a {type(self.conn).__name__}")
+        self.binding = Binding(adapter, self.foreign)
+        self._token = _binding.set(self.binding)
+        return self.binding
+
+    def __exit__(self, *exc_info) -> None:
+        _binding.reset(self._token)
+
+    async def __aenter__(self) -> AsyncBinding:
+        adapter = _unwrap_async(self.conn)
+        if adapter is None:
+            raise TypeError(f"`async with pgbroker.atomic()` needs an async connection, not {type(self.conn).__name__}")
+        if self.foreign != "error":
+            raise ConfigurationError("foreign='after_commit' is not available for async connections")
+        await adapter.open()
+        self.binding = AsyncBinding(adapter)
+        self._token = _binding.set(self.binding)
+        return self.binding
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        _binding.reset(self._token)
+        if exc_type is None:
+            await self.binding.flush()
+
+
+def django_binding(options) -> Binding | None:
+    """The binding Django's open ``atomic()`` block implies, when the option asks for it."""
+    if not options.join_django_atomic or "django.db" not in sys.modules:
+        return None
+    from django.db import connections
+
+    conn = connections[options.django_database]
+    if not conn.in_atomic_block or conn.vendor != "postgresql":
+        return None
+    return Binding(_Django(conn), options.foreign_transaction)
