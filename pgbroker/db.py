@@ -140,7 +140,7 @@ class Database:
         """Run the named query and return its rows as dicts.
 
         Inside ``pgbroker.atomic()`` (or a Django atomic block when configured) the
-        statement runs in the caller's transaction instead of on the pool.
+        writes of a publish run in the caller's transaction instead of on the pool.
         """
         if conn is None:
             binding = _enqueue.current() or _enqueue.django_binding(self.options)

@@ -14,9 +14,10 @@ it runs (its NOTIFY is sent on commit too)::
 SQLAlchemy ``AsyncSession``/``AsyncConnection`` or a psycopg ``AsyncConnection``.
 No framework is imported unless its object is passed in.
 
-While bound, every pgbroker statement this thread (or asyncio task) runs against
-the broker's database goes through the caller's connection: job rows, chord
-counters and saved group results of a canvas are written atomically with it. The
+While bound, the writes a publish makes in the broker's database from this thread
+(or asyncio task) go through the caller's connection: job rows, chord counters and
+saved group results of a canvas are written atomically with it (queue declarations
+and reads still use pgbroker's pool). The
 caller's connection must reach the broker's own database (checked once per
 connection); otherwise :class:`~pgbroker.errors.ForeignTransaction` is raised, or,
 with ``foreign="after_commit"``, the publishes wait for the caller's commit and go
@@ -40,8 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .db import Database
 
 #: Statements that publishing runs (jobs, saved group results, chord sizes): the ones
-#: that can wait for an async block's end or for the caller's commit.
+#: that join the caller's transaction, or wait for an async block's end or its commit.
+#: Everything else (queue declarations, reads) runs on pgbroker's pool as usual.
 DEFERRABLE = frozenset({"enqueue", "enqueue_many", "result_set", "chord_size_set"})
+#: Also joined by a sync binding: writes whose effect must follow the caller's fate.
+JOINED = DEFERRABLE | {"result_delete", "result_expire"}
 
 _binding: ContextVar["Binding | None"] = ContextVar("pgbroker_binding", default=None)
 #: Database identity of each caller connection already checked (by DB-API connection).
@@ -116,7 +120,8 @@ class _SQLAlchemy:
         # exec_driver_sql hands the statement to the driver as it is (pyformat
         # parameters for both psycopg dialects) and begins SQLAlchemy's transaction
         # exactly as any statement of the caller would.
-        return [dict(r) for r in self.conn.exec_driver_sql(sql, params).mappings()]
+        result = self.conn.exec_driver_sql(sql, params)
+        return [dict(r) for r in result.mappings()] if result.returns_rows else []
 
     def in_transaction(self) -> bool:
         return True  # SQLAlchemy 2 begins one on the first statement; commit() ends it
@@ -213,7 +218,8 @@ class _AsyncSQLAlchemy:
         self.raw = (await self.conn.get_raw_connection()).driver_connection
 
     async def execute(self, sql: str, params: dict) -> list[dict]:
-        return [dict(r) for r in (await self.conn.exec_driver_sql(sql, params)).mappings()]
+        result = await self.conn.exec_driver_sql(sql, params)
+        return [dict(r) for r in result.mappings()] if result.returns_rows else []
 
     def in_transaction(self) -> bool:
         return True
@@ -259,6 +265,8 @@ class Binding:
 
     def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
         """Run a named statement in the caller's transaction; None: not ours, use the pool."""
+        if name not in JOINED:
+            return None
         if not self.adapter.in_transaction():
             raise NotInTransaction(
                 f"pgbroker.atomic() needs an open transaction on the {self.adapter.name()} "

@@ -33,7 +33,7 @@ class Worker:
 
     def __init__(self, env: dict, app: str = "tests.apps.celeryapp", pool: str = "prefork",
                  concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=(),
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, cwd: Path | None = None):
         self.ready_file = Path(env["TEST_READY_DIR"]) / f"{name}.ready"
         self.ready_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
@@ -45,11 +45,13 @@ class Worker:
         self.log = open(self.log_path, "wb")
         self.env = {**os.environ, **env, **(overrides or {}), "TEST_WORKER_NAME": name,
                     "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 60.0) -> "Worker":
-        wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None, timeout, what="worker ready")
+        """Until the test app touches its ready file, or (other apps) the worker logs that it is ready."""
+        wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None or " ready." in self.output(),
+                 timeout, what="worker ready")
         if self.proc.poll() is not None:
             raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
         return self

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, Worker, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -18,3 +18,85 @@ def test_demo_runs_to_completion(database_url):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "all jobs reached a final state" in out.stdout
     assert "-> 1050 cents" in out.stdout and "add.delay(20, 22).get() -> 42" in out.stdout
+
+
+def _example_env(database_url: str, schema: str, sql, tmp_path) -> dict:
+    """The examples read DATABASE_URL; their own tables go to the test schema too."""
+    sql("CREATE SCHEMA IF NOT EXISTS {schema}")
+    sep = "&" if "?" in database_url else "?"
+    return {"DATABASE_URL": f"{database_url}{sep}options=-csearch_path%3D{schema}",
+            "PGBROKER_SCHEMA": schema, "TEST_READY_DIR": str(tmp_path)}
+
+
+def test_sqlalchemy_web_app(database_url, schema, sql, tmp_path, monkeypatch):
+    import importlib
+    import io
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    env = _example_env(database_url, schema, sql, tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    shop = importlib.import_module("orders_sqlalchemy")
+    shop = importlib.reload(shop)
+    shop.create_tables()
+
+    def request(method: str, path: str, query: str = "") -> tuple[str, dict]:
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "wsgi.input": io.BytesIO()}
+        setup_testing_defaults(environ)
+        status = []
+        body = b"".join(shop.application(environ, lambda s, h: status.append(s)))
+        return status[0], json.loads(body)
+
+    status, placed = request("POST", "/orders", "item=tea")
+    assert status.startswith("201"), placed
+    status, failed = request("POST", "/orders", "item=cake&fail=1")
+    assert status.startswith("500") and "request failed after enqueueing" in failed["error"]
+    lost_task = failed["error"].rsplit(" ", 1)[-1]
+    assert [r["item"] for r in sql("SELECT item FROM {schema}.example_orders")] == ["tea"]
+    assert not sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s", lost_task)
+
+    worker = Worker(env, app="orders_sqlalchemy", pool="threads", cwd=ROOT / "examples").wait_ready()
+    try:
+        shown = wait_for(lambda: (lambda r: r if r[1]["status"] == "charged" else None)(
+            request("GET", f"/orders/{placed['order']}")), 30, what="the order to be charged")[1]
+        assert shown["task_state"] == "SUCCESS" and shown["result"] == f"charged order {placed['order']}"
+        assert shown["job"]["state"] == "completed" and shown["job"]["attempt"] == 1
+    finally:
+        worker.stop()
+    shop.engine.dispose()
+    shop.celery.close()
+
+
+def test_django_app(database_url, schema, sql, tmp_path):
+    project = ROOT / "examples" / "django_orders"
+    env = {**os.environ, **_example_env(database_url, schema, sql, tmp_path)}
+
+    def manage(*args: str) -> str:
+        out = subprocess.run([sys.executable, "manage.py", *args], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout
+
+    manage("migrate", "-v", "0")
+    out = manage("shell", "-c", (
+        "import json; from django.test import Client; c = Client()\n"
+        "ok = c.post('/orders?item=tea'); bad = c.post('/orders?item=cake&fail=1')\n"
+        "print(json.dumps([ok.status_code, ok.json(), bad.status_code, bad.json()]))"))
+    import json
+
+    ok_status, placed, bad_status, failed = json.loads(out.strip().splitlines()[-1])
+    assert (ok_status, bad_status) == (201, 500)
+    lost_task = failed["error"].rsplit(" ", 1)[-1]
+    assert [r["item"] for r in sql("SELECT item FROM {schema}.orders_order")] == ["tea"]
+    assert not sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s", lost_task)
+    assert sql("SELECT state FROM {schema}.jobs WHERE task_id = %s", placed["task"]) == [{"state": "available"}]
+
+    worker = Worker(env, app="orders_site", pool="threads", cwd=project).wait_ready()
+    try:
+        wait_for(lambda: sql("SELECT status FROM {schema}.orders_order WHERE id = %s", placed["order"])
+                 == [{"status": "charged"}], 30, what="the order to be charged")
+        assert len(sql("SELECT 1 FROM {schema}.orders_payment")) == 1
+    finally:
+        worker.stop()
