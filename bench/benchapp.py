@@ -34,6 +34,18 @@ def latency(sent_at):
     _append("BENCH_LATENCY_FILE", f"{time.time() - sent_at}\n".encode())
 
 
+try:  # Celery's delay_on_commit lives on its Django task class
+    from celery.contrib.django.task import DjangoTask
+except ImportError:  # pragma: no cover - django not installed
+    DjangoTask = app.Task
+
+
+@app.task(base=DjangoTask)
+def noop_on_commit():
+    """noop, with delay_on_commit() for the app-transaction row."""
+    _append("BENCH_COUNT_FILE", b"x")
+
+
 @app.task(ignore_result=False)
 def echo(value):
     return value

@@ -9,6 +9,10 @@ One command (`make bench`), every broker in the same run, on this machine:
 * pickup latency: an idle worker, one task at a time, send-to-start time (ms);
 * round trip: ``echo.delay(i).get()`` with an idle worker and each broker's usual
   result backend (pgbroker's own, Redis, RabbitMQ's ``rpc://``, SQLAlchemy's ``db+``);
+* enqueue in app transaction: Django ``transaction.atomic()`` blocks that INSERT an
+  order row and publish one task, then commit (transactions/s); pgbroker publishes
+  inside the transaction (``pgbroker.atomic``), the others with Celery's
+  ``delay_on_commit`` (after the commit, outside it: no atomicity);
 * worker RSS (whole process tree, prefork -c 2) idle, then after 20,000 tasks
   with ``countdown=3600`` were published (Redis/RabbitMQ workers hold them in memory).
 
@@ -178,6 +182,47 @@ class Bench:
         finally:
             self.stop_worker()
 
+    def txn_enqueue(self):
+        """App transactions/s: INSERT a row and publish a task in one Django atomic() block."""
+        self.reset()
+        import django
+        from django.conf import settings
+
+        if not settings.configured:
+            user, rest = PG.split(":", 1)
+            password, hostport = rest.split("@")
+            host, port = hostport.split(":")
+            settings.configure(USE_TZ=True, DATABASES={"default": {
+                "ENGINE": "django.db.backends.postgresql", "NAME": "pgbroker_bench", "USER": user,
+                "PASSWORD": password, "HOST": host, "PORT": port}})
+            django.setup()
+        from django.db import connection, transaction
+
+        import pgbroker
+
+        with connection.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, item text)")
+            cur.execute("TRUNCATE bench_orders")
+        inside = self.name.startswith("pgbroker")
+
+        def one():
+            with transaction.atomic():
+                with connection.cursor() as cur:
+                    cur.execute("INSERT INTO bench_orders (item) VALUES ('tea')")
+                if inside:
+                    with pgbroker.atomic(connection):
+                        self.mod.noop_on_commit.delay()
+                else:
+                    self.mod.noop_on_commit.delay_on_commit()
+
+        for _ in range(100):
+            one()
+        n = self.n(2000)
+        t = time.perf_counter()
+        for _ in range(n):
+            one()
+        return n / (time.perf_counter() - t)
+
     def rss(self):
         self.reset()
         self.start_worker("prefork")
@@ -216,13 +261,13 @@ def tree_rss(pgid):
     return total / 1024
 
 
-METRICS = ["enqueue", "drain_prefork", "drain_threads", "pickup", "roundtrip", "rss"]
+METRICS = ["enqueue", "txn_enqueue", "drain_prefork", "drain_threads", "pickup", "roundtrip", "rss"]
 
 
 def run_broker(name, scale, only=METRICS):
     b = Bench(name, *BROKERS[name], scale)
     out = {}
-    steps = [("enqueue", b.enqueue), ("drain_prefork", lambda: b.drain("prefork")),
+    steps = [("enqueue", b.enqueue), ("txn_enqueue", b.txn_enqueue), ("drain_prefork", lambda: b.drain("prefork")),
              ("drain_threads", lambda: b.drain("threads")), ("pickup", b.pickup),
              ("roundtrip", b.roundtrip), ("rss", b.rss)]
     for key, fn in steps:
@@ -261,6 +306,7 @@ def table(results, names):
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("enqueue, tasks/s", lambda r: r.get("enqueue"))
+    row("enqueue in app transaction, txns/s ¹", lambda r: r.get("txn_enqueue"))
     row("drain 5k, prefork c=2, tasks/s", lambda r: r.get("drain_prefork"))
     row("drain 5k, threads c=2, tasks/s", lambda r: r.get("drain_threads"))
     for i, q in enumerate(("p50", "p95", "p99")):
@@ -273,6 +319,10 @@ def table(results, names):
     lines.append("")
     lines.append("Ratios compare the durable `pgbroker` column: throughput pgbroker/other, latency and "
                  "memory other/pgbroker, so above 1.00× means pgbroker is better.")
+    lines.append("")
+    lines.append("¹ Django `atomic()`: INSERT a row + publish a task + commit. pgbroker publishes inside "
+                 "the transaction (`pgbroker.atomic`); the others use Celery's `delay_on_commit` "
+                 "(published after the commit, so not atomic with it).")
     for n in names:
         for err in results.get(n, {}).get("errors", []):
             lines.append(f"- {n}: {err}")

@@ -2,8 +2,9 @@
 
 With PGBROKER_URL unset it starts an embedded PostgreSQL (pgserver) in
 .pgbroker-embedded/. It runs `celery worker` on examples/shop.py, enqueues plain,
-countdown, retrying and failing tasks plus one for an unknown task, shows their
-job rows live in a table, runs a chord and a ``delay().get()`` through the
+countdown, retrying and failing tasks plus one for an unknown task, and two
+published inside a database transaction (one committed, one rolled back), shows
+their job rows live in a table, runs a chord and a ``delay().get()`` through the
 Postgres result backend, then stops the worker and exits.
 """
 from __future__ import annotations
@@ -91,6 +92,8 @@ def run(url: str) -> int:
             shop.import_feed.delay("http://feeds.example/rss").id: "retries exhausted",
             shop.app.send_task("shop.no_such_task").id: "unknown task",
         }
+        committed, rolled_back = in_transaction(shop, conninfo)
+        labels[committed] = "in a committed txn"
         with psycopg.connect(conninfo, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
             deadline = time.monotonic() + 90
             with Live(console=console, refresh_per_second=8) as live:
@@ -106,6 +109,9 @@ def run(url: str) -> int:
                     time.sleep(0.2)
         console.print("[green]all jobs reached a final state.[/] Each row is one Celery task id, "
                       "across its retries; `errors` holds every failed attempt.")
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            left = conn.execute(f"SELECT count(*) FROM {SCHEMA}.jobs WHERE task_id = %s", (rolled_back,)).fetchone()[0]
+        console.print(f"[bold]rolled back[/]: the task published in the rolled-back transaction left {left} job rows.")
         show_results(shop, conninfo)
         from pgbroker.maintenance import shutdown
 
@@ -118,6 +124,24 @@ def run(url: str) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
+
+
+def in_transaction(shop, conninfo: str) -> tuple[str, str]:
+    """Publish with pgbroker.atomic(): the job belongs to the transaction of the order row."""
+    import pgbroker
+
+    with psycopg.connect(conninfo) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.demo_orders (id serial PRIMARY KEY, item text)")
+        conn.commit()
+        order = conn.execute(f"INSERT INTO {SCHEMA}.demo_orders (item) VALUES ('tea') RETURNING id").fetchone()[0]
+        with pgbroker.atomic(conn):
+            committed = shop.charge.delay(f"order-{order}", fail_times=0).id
+        conn.commit()
+        conn.execute(f"INSERT INTO {SCHEMA}.demo_orders (item) VALUES ('cake')")
+        with pgbroker.atomic(conn):
+            rolled_back = shop.charge.delay("order-never", fail_times=0).id
+        conn.rollback()
+    return committed, rolled_back
 
 
 def show_results(shop, conninfo: str) -> None:

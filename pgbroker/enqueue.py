@@ -72,6 +72,24 @@ def _dbapi_rows(cursor) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
+def _run(raw, sql: str, params: dict) -> list[dict]:
+    """Run a statement on a DB-API connection, inside whatever transaction it has open.
+
+    On psycopg 3 a plain server-binding cursor is used whatever cursor class the
+    framework configured (Django's default binds client-side): the statement is
+    then prepared once per connection instead of planned on every publish.
+    """
+    if _package(raw) == "psycopg":
+        import psycopg
+
+        cursor = psycopg.Cursor(raw)
+    else:
+        cursor = raw.cursor()
+    with cursor as cur:
+        cur.execute(sql, params)
+        return _dbapi_rows(cur)
+
+
 class _Psycopg:
     """A psycopg 3 connection (sync)."""
 
@@ -79,9 +97,7 @@ class _Psycopg:
         self.raw = conn
 
     def execute(self, sql: str, params: dict) -> list[dict]:
-        with self.raw.cursor() as cur:
-            cur.execute(sql, params)
-            return _dbapi_rows(cur)
+        return _run(self.raw, sql, params)
 
     def in_transaction(self) -> bool:
         from psycopg import pq
@@ -117,11 +133,9 @@ class _SQLAlchemy:
         self.raw = conn.connection.driver_connection
 
     def execute(self, sql: str, params: dict) -> list[dict]:
-        # exec_driver_sql hands the statement to the driver as it is (pyformat
-        # parameters for both psycopg dialects) and begins SQLAlchemy's transaction
-        # exactly as any statement of the caller would.
-        result = self.conn.exec_driver_sql(sql, params)
-        return [dict(r) for r in result.mappings()] if result.returns_rows else []
+        if not self.conn.in_transaction():
+            self.conn.begin()  # what SQLAlchemy does on a caller's first statement (autobegin)
+        return _run(self.raw, sql, params)
 
     def in_transaction(self) -> bool:
         return True  # SQLAlchemy 2 begins one on the first statement; commit() ends it
@@ -139,9 +153,7 @@ class _Django:
         self.raw = conn.connection
 
     def execute(self, sql: str, params: dict) -> list[dict]:
-        with self.conn.cursor() as cur:
-            cur.execute(sql, params)
-            return _dbapi_rows(cur)
+        return _run(self.raw, sql, params)
 
     def in_transaction(self) -> bool:
         return self.conn.in_atomic_block or not self.conn.get_autocommit()

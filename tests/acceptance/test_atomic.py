@@ -412,26 +412,31 @@ def test_another_database_is_a_typed_error_or_after_commit(app, start_worker, da
     assert not sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s", rolled.id)
 
 
-def test_one_round_trip_per_publish(app, database_url):
-    """The database identity is checked once per connection; then each publish is one statement."""
-    statements = []
+def test_one_round_trip_per_publish(app, database_url, tmp_path):
+    """The database identity is checked once per connection; then each publish is one
+    round trip (counted in libpq's protocol trace: one Sync per round trip)."""
+    conn = psycopg.connect(database_url)
+    conn.execute("SELECT 1")  # the caller's own work has begun the transaction
+    trace = tmp_path / "libpq.trace"
 
-    class Counting(psycopg.Cursor):
-        def execute(self, query, params=None, **kwargs):
-            statements.append(query)
-            return super().execute(query, params, **kwargs)
+    def round_trips(publishes: int) -> int:
+        with open(trace, "w") as f:
+            conn.pgconn.trace(f.fileno())
+            with pgbroker.atomic(conn):
+                for i in range(publishes):
+                    app.add.delay(i, i)
+            conn.pgconn.untrace()
+        sent = [line.split("\t")[3] for line in trace.read_text().splitlines() if "\tF\t" in line]
+        return sum(1 for message in sent if message in ("Sync", "Query"))  # each ends a round trip
 
-    conn = psycopg.connect(database_url, cursor_factory=Counting)
-    with pgbroker.atomic(conn):
-        for i in range(10):
-            app.add.delay(i, i)
-    assert len(statements) == 11  # the identity check, then one INSERT per publish
-    with pgbroker.atomic(conn):
-        for i in range(10):
-            app.add.delay(i, i)
-    assert len(statements) == 21
-    conn.rollback()
-    conn.close()
+    try:
+        # Once per connection: the identity check, and psycopg preparing the INSERT
+        # (its own round trip, at the 5th execution); then one round trip per publish.
+        assert round_trips(10) == 12
+        assert round_trips(10) == 10
+    finally:
+        conn.rollback()  # an open transaction would hold the schema the fixture drops
+        conn.close()
 
 
 def test_bad_bindings_are_typed_errors(app, database_url):

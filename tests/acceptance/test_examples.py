@@ -17,6 +17,7 @@ def test_demo_runs_to_completion(database_url):
                          env={**os.environ, "PGBROKER_URL": database_url}, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "all jobs reached a final state" in out.stdout
+    assert "in a committed txn" in out.stdout and "left 0 job rows" in out.stdout
     assert "-> 1050 cents" in out.stdout and "add.delay(20, 22).get() -> 42" in out.stdout
 
 
