@@ -36,16 +36,19 @@ def start(datadir: str | os.PathLike | None = None, settings: dict[str, str] | N
                     conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")  # names are ours, not user input
                     changed = True
         if changed:
-            stop(path)
-            url = pgserver.get_server(str(path), cleanup_mode=None).get_uri()
+            _pg_ctl(path, "-w", "restart")  # with the options it was started with
     return url
 
 
 def stop(datadir: str | os.PathLike | None = None) -> None:
     """Stop the embedded server if it runs (its data stays for the next start)."""
-    from pgserver import pg_ctl
-
     path = Path(datadir or DEFAULT_DIR).resolve()
     if (path / "postmaster.pid").exists():
-        user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs it as this user under root
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
+        _pg_ctl(path, "-w", "-m", "fast", "stop")
+
+
+def _pg_ctl(path: Path, *args: str) -> None:
+    from pgserver import pg_ctl
+
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs it as this user under root
+    pg_ctl(list(args), pgdata=path, user=user)
