@@ -206,7 +206,9 @@ class _AsyncPsycopg:
         pass
 
     async def execute(self, sql: str, params: dict) -> list[dict]:
-        async with self.raw.cursor() as cur:
+        import psycopg
+
+        async with psycopg.AsyncCursor(self.raw) as cur:  # server-side binding: prepared once
             await cur.execute(sql, params)
             if cur.description is None:
                 return []
@@ -240,6 +242,13 @@ class _AsyncSQLAlchemy:
 # -- bindings ---------------------------------------------------------------------------------
 
 
+def _is_retry(name: str, params: dict) -> bool:
+    """A task's retry (``self.retry()``, ``autoretry_for``) is never part of a caller's
+    transaction: raising Retry rolls that transaction back, which would take the retry
+    with it and lose the task."""
+    return name == "enqueue" and bool(params.get("retry"))
+
+
 def _foreign_error(db: "Database", caller_identity: tuple, who: str) -> ForeignTransaction:
     mine = db.identity()
     return ForeignTransaction(
@@ -257,7 +266,6 @@ class Binding:
     def __init__(self, adapter, foreign: str = "error"):
         self.adapter = adapter
         self.foreign = foreign
-        self._deferred: list[tuple["Database", str, dict]] | None = None
 
     def _identity(self, db: "Database") -> tuple:
         raw = self.adapter.raw
@@ -277,7 +285,7 @@ class Binding:
 
     def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
         """Run a named statement in the caller's transaction; None: not ours, use the pool."""
-        if name not in JOINED:
+        if name not in JOINED or _is_retry(name, params):
             return None
         if not self.adapter.in_transaction():
             raise NotInTransaction(
@@ -318,7 +326,7 @@ class AsyncBinding(Binding):
         self.pending: list[tuple["Database", str, dict]] = []
 
     def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
-        if name not in DEFERRABLE:
+        if name not in DEFERRABLE or _is_retry(name, params):
             return None  # reads and other statements run on the pool, as outside the block
         self.pending.append((db, name, params))
         return []

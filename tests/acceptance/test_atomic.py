@@ -346,6 +346,18 @@ def test_worker_never_sees_a_job_before_its_transaction_commits(app, start_worke
     assert result.get(timeout=30) >= committing_at
 
 
+def test_retry_from_inside_a_transaction_survives_its_rollback(app, start_worker, sql):
+    start_worker(pool="threads")
+    app.retries_in_transaction.delay("r")
+    wait_for(lambda: sql("SELECT 1 FROM {schema}.effects WHERE key = 'r' AND what = 'done'"), 30,
+             what="the retried task to finish")
+    wait_for(lambda: sql("SELECT 1 FROM {schema}.effects WHERE key = 'r-follow-up-1'"), 30,
+             what="the committed follow-up to run")
+    assert [r["what"] for r in sql("SELECT what FROM {schema}.effects WHERE key = 'r' ORDER BY id")] == \
+        ["attempt", "attempt", "done"]
+    assert not sql("SELECT 1 FROM {schema}.effects WHERE key = 'r-follow-up-0'")  # rolled back with attempt 1
+
+
 def test_canvas_inside_a_transaction(app, start_worker, database_url, sql):
     def canvases():
         return (

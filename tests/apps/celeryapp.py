@@ -91,6 +91,20 @@ def fails_twice(self, key):
     effect(key, "done")
 
 
+@app.task(bind=True, max_retries=3)
+def retries_in_transaction(self, key):
+    """Publishes a follow-up and retries from inside pgbroker.atomic(): the retry must
+    survive the rollback its exception causes; the follow-up must not."""
+    import pgbroker
+
+    effect(key, "attempt")
+    with _db() as conn, conn.transaction(), pgbroker.atomic(conn):
+        record.delay(f"{key}-follow-up-{self.request.retries}")
+        if self.request.retries < 1:
+            raise self.retry(countdown=0.1)
+    effect(key, "done")
+
+
 @app.task
 def started_at(key):
     """Record the run and return when it started (time.time())."""
