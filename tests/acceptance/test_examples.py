@@ -60,10 +60,13 @@ def test_sqlalchemy_web_app(database_url, schema, sql, tmp_path, monkeypatch):
 
     worker = Worker(env, app="orders_sqlalchemy", pool="threads", cwd=ROOT / "examples").wait_ready()
     try:
-        shown = wait_for(lambda: (lambda r: r if r[1]["status"] == "charged" else None)(
-            request("GET", f"/orders/{placed['order']}")), 30, what="the order to be charged")[1]
+        def charged_and_settled():  # the job row is settled just after the result is stored
+            body = request("GET", f"/orders/{placed['order']}")[1]
+            return body if body["status"] == "charged" and body["job"]["state"] == "completed" else None
+
+        shown = wait_for(charged_and_settled, 30, what="the order to be charged and its job completed")
         assert shown["task_state"] == "SUCCESS" and shown["result"] == f"charged order {placed['order']}"
-        assert shown["job"]["state"] == "completed" and shown["job"]["attempt"] == 1
+        assert shown["job"]["attempt"] == 1
     finally:
         worker.stop()
     shop.engine.dispose()
