@@ -159,9 +159,10 @@ class Database:
         rows = self.fetchall(name, conn, **params)
         return rows[0] if rows else None
 
-    def identity(self) -> tuple:
-        """What ``database_identity`` says of this database (queried once)."""
-        if self._identity is None:
+    def identity(self, refresh: bool = False) -> tuple:
+        """What ``database_identity`` says of this database (queried once, or again on
+        ``refresh``: a server restart changes its start time)."""
+        if self._identity is None or refresh:
             with self.connection() as conn:
                 self._identity = tuple(self.fetchall("database_identity", conn)[0].values())
         return self._identity

@@ -293,7 +293,7 @@ class Binding:
                 f"(it is in autocommit mode and no transaction was begun)"
             )
         identity = self._identity(db)
-        if identity != db.identity():
+        if identity != db.identity() and identity != db.identity(refresh=True):
             if self.foreign != "after_commit":
                 raise _foreign_error(db, identity, self.adapter.name())
             if name not in DEFERRABLE:
@@ -342,7 +342,7 @@ class AsyncBinding(Binding):
                 rows = await self.adapter.execute(self.pending[0][0].q["database_identity"], {})
                 raw_identity = _identities[self.adapter.raw] = tuple(rows[0].values())
             for db, name, params in self.pending:
-                if raw_identity != db.identity():
+                if raw_identity != db.identity() and raw_identity != db.identity(refresh=True):
                     raise _foreign_error(db, raw_identity, "async connection")
                 await self.adapter.execute(db.q[name], params)
         except (ForeignTransaction, NotInTransaction):
