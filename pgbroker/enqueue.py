@@ -76,16 +76,16 @@ def _run(raw, sql: str, params: dict) -> list[dict]:
     """Run a statement on a DB-API connection, inside whatever transaction it has open.
 
     On psycopg 3 a plain server-binding cursor is used whatever cursor class the
-    framework configured (Django's default binds client-side): the statement is
-    then prepared once per connection instead of planned on every publish.
+    framework configured (Django binds client-side and never prepares by default),
+    and the statement is prepared: planned once per connection, not per publish.
     """
     if _package(raw) == "psycopg":
         import psycopg
 
-        cursor = psycopg.Cursor(raw)
-    else:
-        cursor = raw.cursor()
-    with cursor as cur:
+        with psycopg.Cursor(raw) as cur:
+            cur.execute(sql, params, prepare=True)  # even where the framework turned preparing off
+            return _dbapi_rows(cur)
+    with raw.cursor() as cur:
         cur.execute(sql, params)
         return _dbapi_rows(cur)
 
@@ -208,8 +208,8 @@ class _AsyncPsycopg:
     async def execute(self, sql: str, params: dict) -> list[dict]:
         import psycopg
 
-        async with psycopg.AsyncCursor(self.raw) as cur:  # server-side binding: prepared once
-            await cur.execute(sql, params)
+        async with psycopg.AsyncCursor(self.raw) as cur:  # server-side binding, prepared once
+            await cur.execute(sql, params, prepare=True)
             if cur.description is None:
                 return []
             names = [d[0] for d in cur.description]

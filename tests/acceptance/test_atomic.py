@@ -442,9 +442,9 @@ def test_one_round_trip_per_publish(app, database_url, tmp_path):
         return sum(1 for message in sent if message in ("Sync", "Query"))  # each ends a round trip
 
     try:
-        # Once per connection: the identity check, and psycopg preparing the INSERT
-        # (its own round trip, at the 5th execution); then one round trip per publish.
-        assert round_trips(10) == 12
+        # Once per connection: the identity check and the INSERT are prepared (psycopg
+        # sends each Parse in a round trip of its own); then one round trip per publish.
+        assert round_trips(10) == 13
         assert round_trips(10) == 10
     finally:
         conn.rollback()  # an open transaction would hold the schema the fixture drops
