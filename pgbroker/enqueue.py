@@ -76,14 +76,15 @@ def _run(raw, sql: str, params: dict) -> list[dict]:
     """Run a statement on a DB-API connection, inside whatever transaction it has open.
 
     On psycopg 3 a plain server-binding cursor is used whatever cursor class the
-    framework configured (Django binds client-side and never prepares by default),
-    and the statement is prepared: planned once per connection, not per publish.
+    framework configured (Django's binds client-side), and the statement is prepared
+    at once: planned once per connection, not per publish. A connection that turned
+    preparing off (``prepare_threshold=None``, Django's default) keeps it off.
     """
     if _package(raw) == "psycopg":
         import psycopg
 
         with psycopg.Cursor(raw) as cur:
-            cur.execute(sql, params, prepare=True)  # even where the framework turned preparing off
+            cur.execute(sql, params, prepare=True)
             return _dbapi_rows(cur)
     with raw.cursor() as cur:
         cur.execute(sql, params)
