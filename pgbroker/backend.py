@@ -161,6 +161,22 @@ def _columns(meta: dict | None = None, request: Any = None) -> dict[str, Any]:
     }
 
 
+def backend_for(db: Database) -> "ResultBackend | None":
+    """The pgbroker result backend on ``db`` in this process: the one last used, else the
+    current Celery app's when it is pgbroker on the same database (``celery control``)."""
+    if db.result_backend is not None:
+        return db.result_backend
+    try:
+        from celery import current_app
+
+        backend = current_app.backend
+    except Exception:
+        return None
+    if isinstance(backend, ResultBackend) and Database.get(backend.conninfo, backend.options) is db:
+        return backend
+    return None
+
+
 class ResultBackend(KeyValueStoreBackend):
     """Celery's key/value backend contract on a Postgres table, with NOTIFY wake-ups."""
 
@@ -186,6 +202,8 @@ class ResultBackend(KeyValueStoreBackend):
         its parent's connections or LISTEN thread, and the registry is per process)."""
         db = Database.get(self.conninfo, self.options)
         db.ensure_ready()
+        if db.result_backend is not self:
+            db.result_backend = self
         return db
 
     def as_uri(self, include_password: bool = False) -> str:

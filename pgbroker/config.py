@@ -65,6 +65,10 @@ class Options:
     #: How long the outcome writer waits to fill a batch (seconds); acks free the
     #: prefetch window at once, only the row update waits.
     ack_linger: float = 0.005
+    #: How long a process reuses an exchange's routing table before reading it again
+    #: (seconds): the longest a publish can still reach a queue deleted elsewhere.
+    #: A publish that matches no binding always reads it again.
+    routing_cache_ttl: float = 1.0
     #: Connections kept by the per-process pool.
     pool_min_size: int = 1
     pool_max_size: int = 8
@@ -100,8 +104,8 @@ class Options:
 
     def validate(self) -> None:
         validate_schema(self.schema)
-        if self.ack_linger < 0:
-            raise ConfigurationError(f"ack_linger must be >= 0, got {self.ack_linger!r}")
+        if self.ack_linger < 0 or self.routing_cache_ttl < 0:
+            raise ConfigurationError("ack_linger and routing_cache_ttl must be >= 0")
         for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout", "prune_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -11,8 +11,9 @@ import logging
 import os
 import select
 import threading
+import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psycopg
 from psycopg.rows import dict_row
@@ -67,6 +68,17 @@ class Database:
         )
         self._opened = False
         self._identity: tuple | None = None
+        self._result_backend: Callable[[], Any] | None = None
+
+    @property
+    def result_backend(self) -> Any:
+        """The pgbroker Celery result backend on this database used in this process, if any
+        (a durable revoke marks the cancelled tasks REVOKED through it)."""
+        return self._result_backend() if self._result_backend is not None else None
+
+    @result_backend.setter
+    def result_backend(self, backend: Any) -> None:
+        self._result_backend = weakref.ref(backend)
 
     @classmethod
     def get(cls, conninfo: str, options: Options) -> "Database":

@@ -15,7 +15,7 @@ import queue as _queue
 import threading
 import time
 import traceback as _traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
@@ -88,16 +88,19 @@ class JobEngine:
         return row["id"] if row else None
 
     def enqueue_many(
-        self, items: Sequence[tuple[str, dict]], conn: psycopg.Connection | None = None
+        self, items: Sequence[tuple[str, dict]], conn: psycopg.Connection | None = None, copies: bool = False
     ) -> list[int]:
         """Store many messages in one statement; returns their job ids in order.
 
-        A Celery task id that appears twice in one call keeps only the last message.
+        A Celery task id that appears twice in one call keeps only the last message,
+        unless ``copies`` (then no row carries its task id).
         """
         limit = self.db.options.max_message_size
         rows: dict[Any, Row] = {}
         for i, (queue, message) in enumerate(items):
             row = to_row(queue, message, limit)
+            if copies:
+                row = replace(row, task_id=None)
             rows[row.task_id if row.task_id is not None else ("anon", i)] = row
         columns = {f.name: [getattr(r, f.name) for r in rows.values()] for f in fields(Row)}
         params = {
@@ -108,6 +111,18 @@ class JobEngine:
             "content_types": columns["content_type"], "content_encodings": columns["content_encoding"],
         }
         return [r["id"] for r in self.db.fetchall("enqueue_many", conn, **params)]
+
+    def enqueue_copies(self, queues: Sequence[str], message: dict) -> list[int]:
+        """Store a copy of one message for each of ``queues`` (a routed publish that
+        matched several). The copies carry no task id, so they do not replace each other."""
+        return self.enqueue_many([(q, message) for q in queues], copies=True)
+
+    def enqueue_fanout(self, exchange: str, message: dict) -> int:
+        """Store a copy of ``message`` for every queue bound to ``exchange`` in the
+        database (whichever process bound it); returns how many copies."""
+        row = to_row(exchange, message, self.db.options.max_message_size)
+        params = {k: v for k, v in vars(row).items() if k not in ("task_id", "queue", "retry")}
+        return len(self.db.fetchall("enqueue_fanout", exchange=exchange, **params))
 
     # -- consuming -----------------------------------------------------------------------------
 
@@ -121,6 +136,14 @@ class JobEngine:
         rows = self.db.fetchall("claim", queues=list(queues), limit=limit, consumer=consumer)
         rows.sort(key=lambda r: (-r["priority"], r["id"]))
         return [(from_row(r), r["queue"]) for r in rows]
+
+    def take(self, queues: Sequence[str], limit: int) -> list[tuple[dict, str]]:
+        """Like :meth:`claim` for consumers that never acknowledge: the rows are deleted
+        as they are delivered (at most once). Messages past their queue's
+        x-message-ttl are deleted without being returned."""
+        rows = self.db.fetchall("claim_no_ack", queues=list(queues), limit=limit)
+        rows.sort(key=lambda r: (-r["priority"], r["id"]))
+        return [(from_row(r), r["queue"]) for r in rows if not r["stale"]]
 
     def requeue(self, job_id: int, attempt: int) -> bool:
         """Make a delivery available again (redelivered); False if it was no longer ours."""
@@ -177,10 +200,13 @@ class JobEngine:
 
     # -- consumers and rescue ----------------------------------------------------------------------
 
-    def heartbeat(self, consumer: str, hostname: str, pid: int, connections: Sequence[str]) -> None:
-        """Register or refresh a consumer process and its open connections."""
+    def heartbeat(
+        self, consumer: str, hostname: str, pid: int, connections: Sequence[str], queues: Sequence[str] = ()
+    ) -> None:
+        """Register or refresh a consumer process, its open connections and consumed queues."""
         self.db.fetchall(
-            "consumer_heartbeat", id=consumer, hostname=hostname, pid=pid, connections=list(connections)
+            "consumer_heartbeat", id=consumer, hostname=hostname, pid=pid, connections=list(connections),
+            queues=list(queues),
         )
 
     def unregister_consumer(self, consumer: str) -> None:
@@ -193,7 +219,53 @@ class JobEngine:
     # -- queues ------------------------------------------------------------------------------------
 
     def declare_queue(self, queue: str, arguments: dict | None = None) -> None:
-        self.db.fetchall("queue_declare", queue=queue, arguments=json.dumps(arguments or {}, default=str))
+        """Create a queue (or mark it used). ``x-expires`` and ``x-message-ttl`` in
+        ``arguments`` (milliseconds, as AMQP has them) make it expire / its messages."""
+        arguments = arguments or {}
+        self.db.fetchall(
+            "queue_declare", queue=queue, arguments=json.dumps(arguments, default=str),
+            expires=_seconds(arguments, "x-expires"), message_ttl=_seconds(arguments, "x-message-ttl"),
+        )
+
+    def sweep_queues(self) -> dict[str, int]:
+        """Delete expired queues and messages past their queue's TTL (see the query)."""
+        return self.db.fetchone("queues_sweep")
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def declare_exchange(self, exchange: str, type: str) -> None:
+        self.db.fetchall("exchange_declare", exchange=exchange, type=type)
+
+    def exchange_type(self, exchange: str) -> str | None:
+        row = self.db.fetchone("exchange_type", exchange=exchange)
+        return row["type"] if row else None
+
+    def delete_exchange(self, exchange: str) -> None:
+        self.db.fetchall("exchange_delete", exchange=exchange)
+
+    def bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        self.db.fetchall(
+            "binding_add", exchange=exchange, routing_key=routing_key or "", pattern=pattern or "", queue=queue
+        )
+
+    def unbind(self, exchange: str, routing_key: str, queue: str) -> None:
+        self.db.fetchall("binding_remove", exchange=exchange, routing_key=routing_key or "", queue=queue)
+
+    def bindings(self, exchange: str) -> list[tuple[str, str, str]]:
+        """``exchange``'s routing table: ``(routing_key, pattern, queue)`` rows."""
+        return [(r["routing_key"], r["pattern"], r["queue"]) for r in self.db.fetchall("bindings_of", exchange=exchange)]
+
+    # -- cancelling ------------------------------------------------------------------------------
+
+    def cancel(self, task_ids: Sequence[str], by: str, running: bool = False) -> list[str]:
+        """Cancel the not yet started jobs of these Celery task ids for good; returns
+        the task ids cancelled. With ``running``, also record ``by`` on running jobs
+        (their worker is asked to terminate them and reports the outcome)."""
+        with self.db.transaction() as conn:
+            done = [r["task_id"] for r in self.db.fetchall("jobs_cancel", conn, task_ids=list(task_ids), by=by)]
+            if running:
+                self.db.fetchall("jobs_mark_cancelling", conn, task_ids=list(task_ids), by=by)
+        return done
 
     def queue_exists(self, queue: str) -> bool:
         return self.db.fetchone("queue_exists", queue=queue)["found"]
@@ -306,6 +378,12 @@ class Settler:
                 self._pending -= len(batch)
                 if not self._pending:
                     self._idle.notify_all()
+
+
+def _seconds(arguments: dict, name: str) -> float | None:
+    """An AMQP queue argument in milliseconds, as seconds (None when absent)."""
+    value = arguments.get(name)
+    return None if value is None else float(value) / 1000.0
 
 
 def engine_for(db: Database) -> JobEngine:

@@ -1,8 +1,9 @@
 """Per-process background duties of a consuming process.
 
 One :class:`Maintainer` per process and database: it registers this process as a
-consumer with the list of its open broker connections, heartbeats, and on each
-tick stages due scheduled jobs and rescues the jobs of dead consumers. Every step is a single idempotent statement using SKIP LOCKED,
+consumer with the list of its open broker connections and the queues they consume,
+heartbeats, and on each tick stages due scheduled jobs; with each heartbeat it
+rescues the jobs of dead consumers and sweeps expired queues. Every step is a single idempotent statement using SKIP LOCKED,
 so any number of processes can run it at once without a leader; leadership
 would only save queries.
 """
@@ -31,6 +32,7 @@ class Maintainer:
         self.hostname = socket.gethostname()
         self.consumer_id = f"{self.hostname}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._connections: set[str] = set()
+        self._queues: dict[str, set[str]] = {}  # connection -> queues it consumes
         self._numbers = itertools.count(1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -52,10 +54,22 @@ class Maintainer:
                 atexit.register(self.stop)
         return owner
 
-    def close_connection(self, owner: str) -> None:
+    def consume(self, owner: str, queues) -> None:
+        """Connection ``owner`` consumes ``queues``: listed with the next heartbeat, which
+        is written now so that they cannot expire meanwhile."""
+        with self._lock:
+            self._queues.setdefault(owner, set()).update(queues)
+            self._beat()
+
+    def cancel(self, owner: str, queues) -> None:
+        with self._lock:
+            self._queues.get(owner, set()).difference_update(queues)
+
+    def close_connection(self, owner: str, queues=()) -> None:
         """Forget a closed connection: its unacknowledged jobs become rescuable at once."""
         with self._lock:
             self._connections.discard(owner)
+            self._queues.pop(owner, None)
         try:
             self._beat()
         except Exception:  # the database may be what closed it; the thread will retry
@@ -76,11 +90,19 @@ class Maintainer:
             logger.warning("pgbroker: could not unregister consumer %s: %s", self.consumer_id, exc)
 
     def _beat(self) -> None:
-        self.engine.heartbeat(self.consumer_id, self.hostname, os.getpid(), sorted(self._connections))
+        queues = set().union(*self._queues.values())
+        self.engine.heartbeat(self.consumer_id, self.hostname, os.getpid(), sorted(self._connections), sorted(queues))
 
     def beat(self) -> None:
-        """Heartbeat, then rescue the jobs of dead consumers."""
-        self._beat()
+        """Heartbeat, rescue the jobs of dead consumers, sweep expired queues."""
+        with self._lock:
+            self._beat()
+        swept = self.engine.sweep_queues()
+        if swept["queues"]:
+            logger.info("pgbroker: %d expired queue(s) deleted with %d message(s)", swept["queues"], swept["emptied"])
+        if swept["discarded"]:
+            logger.warning("pgbroker: %d task message(s) discarded: not delivered within their queue's "
+                           "x-message-ttl", swept["discarded"])
         rescued = self.engine.rescue(self.options.rescue_after)
         if rescued["redelivered"] or rescued["discarded"]:
             logger.warning(

@@ -1,10 +1,13 @@
 """kombu transport for ``pgbroker://`` URLs: messages are rows of a Postgres jobs table.
 
-Features: direct and topic exchanges (bindings per process, as kombu's virtual
-transports keep them), priorities 0-9 (higher first), ETA/countdown and
-``expires`` handled in the database, batched claims sized by the consumer's
+Features: direct, topic and fanout exchanges whose bindings live in the database
+(a binding made by one process routes every other process's publishes: Celery's
+remote control, replies and events work across hosts), queues that expire
+(``x-expires``, ``x-message-ttl``), priorities 0-9 (higher first), ETA/countdown
+and ``expires`` handled in the database, batched claims sized by the consumer's
 prefetch, batched acknowledgements, LISTEN/NOTIFY wake-ups, consumer heartbeats
-and rescue of the jobs of dead consumers.
+and rescue of the jobs of dead consumers. A revoke broadcast through Celery's
+remote control also cancels the task's job in the database (durable revoke).
 
 Connection string: ``pgbroker://user:password@host:port/dbname?sslmode=require&...``
 (any libpq parameter; what is left out comes from the ``PG*`` environment).
@@ -15,18 +18,25 @@ The glue is thin on purpose: storage is :class:`pgbroker.engine.JobEngine`.
 """
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import threading
 from queue import Empty
 from time import monotonic
 
+from kombu.serialization import loads
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from .config import Options, conninfo_from_url, mask_url, validate_name
 from .db import Database, Listener
-from .engine import Outcome, engine_for, error_entry
+from .engine import JobEngine, Outcome, engine_for, error_entry
 from .errors import CONNECTION_ERRORS
 from .maintenance import maintainer_for
 from .message import channel_name
+
+logger = logging.getLogger(__name__)
 
 
 class Message(virtual.Message):
@@ -43,10 +53,83 @@ class Message(virtual.Message):
             raise
 
 
+class Routes:
+    """A process's cache of exchange types and routing tables, shared by its connections.
+
+    A table is re-read when it is older than ``routing_cache_ttl`` seconds, so a
+    publish reaches a queue deleted by another process at most that long after;
+    a lookup that matches nothing always re-reads it, so a binding made elsewhere
+    (a reply queue, a new monitor) is seen by the very next publish.
+    """
+
+    def __init__(self, engine: JobEngine, ttl: float):
+        self.engine = engine
+        self.ttl = ttl
+        self._tables: dict[str, tuple[float, list]] = {}
+        self._types: dict[str, tuple[float, str | None]] = {}
+
+    def table(self, exchange: str, fresh: bool = False) -> list[tuple[str, str, str]]:
+        cached = self._tables.get(exchange)
+        if fresh or cached is None or monotonic() - cached[0] > self.ttl:
+            cached = self._tables[exchange] = (monotonic(), self.engine.bindings(exchange))
+        return cached[1]
+
+    def is_fresh(self, exchange: str) -> bool:
+        cached = self._tables.get(exchange)
+        return cached is not None and monotonic() - cached[0] < 0.001
+
+    def exchange_type(self, exchange: str) -> str | None:
+        cached = self._types.get(exchange)
+        if cached is None or monotonic() - cached[0] > self.ttl:
+            cached = self._types[exchange] = (monotonic(), self.engine.exchange_type(exchange))
+        return cached[1]
+
+    def forget(self, exchange: str | None = None) -> None:
+        """Drop cached tables (one exchange's, or all after a queue was deleted)."""
+        if exchange is None:
+            self._tables.clear()
+            self._types.clear()
+        else:
+            self._tables.pop(exchange, None)
+            self._types.pop(exchange, None)
+
+
+_routes_lock = threading.Lock()
+
+
+def routes_for(engine: JobEngine) -> Routes:
+    """The process-wide :class:`Routes` of an engine's database."""
+    with _routes_lock:
+        routes = getattr(engine, "_routes", None)
+        if routes is None:
+            routes = engine._routes = Routes(engine, engine.db.options.routing_cache_ttl)
+        return routes
+
+
+def revoked_task_ids(channel: "Channel", message: dict) -> tuple[list[str], bool]:
+    """(task ids, terminate) of a remote-control ``revoke`` broadcast, else ([], False)."""
+    props = message.get("properties") or {}
+    try:
+        body = channel.decode_body(message["body"], props.get("body_encoding"))
+        # Bytes this process serialised a moment ago: any content type it used is trusted.
+        payload = loads(body, message.get("content-type"), message.get("content-encoding"), accept=None)
+    except Exception as exc:
+        logger.warning("pgbroker: could not read a remote-control message: %r", exc)
+        return [], False
+    if not isinstance(payload, dict) or payload.get("method") != "revoke":
+        return [], False
+    arguments = payload.get("arguments") or {}
+    ids = arguments.get("task_id")
+    ids = [ids] if isinstance(ids, str) else [str(i) for i in (ids or [])]
+    return ids, bool(arguments.get("terminate"))
+
+
 class Channel(virtual.Channel):
     """One kombu channel; every storage hook is one JobEngine call."""
 
     Message = Message
+    #: Bindings are stored in the database (see :class:`Routes`): fanout works across processes.
+    supports_fanout = True
 
     #: Set by :mod:`pgbroker.worker` in Celery workers: task outcomes are then reported
     #: by the worker, and an ack only records that the delivery was acknowledged.
@@ -63,9 +146,115 @@ class Channel(virtual.Channel):
     def _put(self, queue, message, **kwargs):
         self.engine.enqueue(queue, message)
 
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        """Publish; a direct/topic publish matching several queues stores its copies at once."""
+        if not exchange or self.typeof(exchange).type == "fanout":
+            return super().basic_publish(message, exchange, routing_key, **kwargs)
+        self._inplace_augment_message(message, exchange, routing_key)
+        queues = self._lookup(exchange, routing_key)
+        if len(queues) == 1:
+            self._put(queues[0], message)
+        elif queues:
+            self.engine.enqueue_copies(queues, message)
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        if exchange.endswith(".pidbox"):  # Celery's remote control
+            task_ids, terminate = revoked_task_ids(self, message)
+            if task_ids:
+                self._cancel(task_ids, terminate)
+        self.engine.enqueue_fanout(exchange, message)
+
+    def _cancel(self, task_ids: list[str], terminate: bool) -> None:
+        """Durable revoke: the jobs that have not started are cancelled for good (and
+        marked REVOKED when pgbroker on this database is the result backend)."""
+        by = f"celery remote control revoke{' (terminate)' if terminate else ''} from " \
+             f"{socket.gethostname()} pid {os.getpid()}"
+        cancelled = self.engine.cancel(task_ids, by, running=terminate)
+        from .backend import backend_for  # Celery's, imported only when Celery revokes
+
+        backend = backend_for(self.engine.db) if cancelled else None
+        if backend is not None:
+            for task_id in cancelled:
+                backend.mark_as_revoked(task_id, "revoked")
+
+    # -- routing (bindings in the database) --------------------------------------------------------
+
+    @property
+    def routes(self) -> Routes:
+        return routes_for(self.engine)
+
+    def exchange_declare(self, exchange=None, type="direct", durable=False, auto_delete=False,
+                         arguments=None, nowait=False, passive=False):
+        if exchange:
+            validate_name("exchange", exchange)
+            if passive and exchange not in self.state.exchanges:
+                stored = self.routes.exchange_type(exchange)
+                if stored is not None:
+                    type, passive = stored, False
+        super().exchange_declare(exchange, type, durable, auto_delete, arguments, nowait, passive)
+        if exchange:
+            self.connection.declare_exchange_once(exchange, type or "direct")
+
+    def exchange_delete(self, exchange, if_unused=False, nowait=False):
+        self.engine.delete_exchange(exchange)
+        self.state.exchanges.pop(exchange, None)
+        self.routes.forget(exchange)
+
+    def typeof(self, exchange, default="direct"):
+        if exchange in self.state.exchanges:
+            return super().typeof(exchange, default)
+        return self.exchange_types.get(self.routes.exchange_type(exchange) or default, self.exchange_types[default])
+
+    def get_table(self, exchange):
+        return self.routes.table(exchange)
+
+    def _lookup(self, exchange, routing_key, default=None):
+        default = default if default is not None else self.deadletter_queue
+        if not exchange:
+            return [routing_key or default]
+        kind = self.typeof(exchange)
+        queues = kind.lookup(self.routes.table(exchange), exchange, routing_key, None)
+        if not queues and not self.routes.is_fresh(exchange):  # bound since we cached the table?
+            queues = kind.lookup(self.routes.table(exchange, fresh=True), exchange, routing_key, None)
+        queues = list(queues or [])
+        if not queues and default is not None:
+            self._new_queue(default)
+            queues = [default]
+        return queues
+
+    def queue_bind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        """Store the binding in the database (every time: it may have expired meanwhile)."""
+        exchange = exchange or "amq.direct"
+        validate_name("queue", queue)
+        self.state.binding_declare(queue, exchange, routing_key, arguments)
+        routing_key, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+        self._queue_bind(exchange, routing_key, pattern, queue)
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        self.engine.bind(exchange, routing_key, pattern, queue)
+        self.routes.forget(exchange)
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        exchange = exchange or "amq.direct"
+        self.state.binding_delete(queue, exchange, routing_key)
+        routing_key, _, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+        self.engine.unbind(exchange, routing_key, queue)
+        self.routes.forget(exchange)
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        """Delete the queue, its messages and its bindings, whoever declared them."""
+        if if_empty and self._size(queue):
+            return
+        self._delete(queue)
+        self.state.queue_bindings_delete(queue)
+
     def _new_queue(self, queue, **kwargs):
         validate_name("queue", queue)
-        self.connection.declare_queue_once(queue, kwargs)
+        self.connection.declare_queue_once(queue, kwargs.get("arguments") or {})
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        """Queue(expires=, message_ttl=, …) as AMQP arguments (x-expires, x-message-ttl)."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
     def _has_queue(self, queue, **kwargs):
         return self.engine.queue_exists(queue)
@@ -79,11 +268,7 @@ class Channel(virtual.Channel):
     def _delete(self, queue, *args, **kwargs):
         self.connection.forget_queue(queue)
         self.engine.delete_queue(queue)
-
-    def exchange_declare(self, exchange=None, type="direct", *args, **kwargs):
-        if exchange:
-            validate_name("exchange", exchange)
-        return super().exchange_declare(exchange, type, *args, **kwargs)
+        self.routes.forget()  # its bindings went with it
 
     # -- consuming -----------------------------------------------------------------------------
 
@@ -94,6 +279,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         self.connection.listener.listen([channel_name(self.engine.schema, queue)])
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.consuming(queue, True)
         self.connection.claim_due = True  # what the queue already holds was never notified to us
         return result
 
@@ -103,27 +289,27 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self._no_ack_queues.discard(queue)
             self.connection.listener.unlisten([channel_name(self.engine.schema, queue)])
+            self.connection.consuming(queue, False)
         return result
 
     def _claim(self, queues, limit):
-        deliveries = self.engine.claim(queues, limit, self.connection.owner())
-        for payload, queue in deliveries:
-            if queue in self._no_ack_queues:  # nobody will ack: settle at delivery
-                job_id, attempt = payload["properties"]["delivery_info"]["pgbroker_job"]
-                self.engine.settler.submit(Outcome(job_id, attempt, "completed"))
+        """Claim for acknowledging consumers; take (delete on delivery) for no-ack ones."""
+        taking = [q for q in queues if q in self._no_ack_queues]
+        claiming = [q for q in queues if q not in self._no_ack_queues]
+        deliveries = self.engine.take(taking, limit) if taking else []
+        if claiming and len(deliveries) < limit:
+            deliveries += self.engine.claim(claiming, limit - len(deliveries), self.connection.owner())
         return deliveries
 
     def basic_get(self, queue, no_ack=False, **kwargs):
-        message = super().basic_get(queue, no_ack, **kwargs)
-        if message is not None and no_ack:  # nobody will ack it
-            self._settle(message, "completed")
+        validate_name("queue", queue)
+        found = self.engine.take([queue], 1) if no_ack else self.engine.claim([queue], 1, self.connection.owner())
+        if not found:
+            return None
+        message = self.Message(found[0][0], channel=self)
+        if not no_ack:
+            self.qos.append(message, message.delivery_tag)
         return message
-
-    def _get(self, queue, timeout=None):
-        deliveries = self._claim([queue], 1)
-        if not deliveries:
-            raise Empty()
-        return deliveries[0][0]
 
     def drain_events(self, timeout=None, callback=None):
         """Claim as many jobs as the prefetch window allows, in one statement, and deliver them.
@@ -199,7 +385,7 @@ class Transport(virtual.Transport):
 
     implements = virtual.Transport.implements.extend(
         asynchronous=False,
-        exchange_type=frozenset(["direct", "topic"]),
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
     connection_errors = virtual.Transport.connection_errors + CONNECTION_ERRORS
@@ -214,6 +400,8 @@ class Transport(virtual.Transport):
         self._listener: Listener | None = None
         self._owner: str | None = None
         self._declared: set[str] = set()
+        self._exchanges: set[str] = set()
+        self._consumed: set[str] = set()
         self._waiting = False
         #: Whether a claim may find something now (see drain_events).
         self.claim_due = True
@@ -238,8 +426,9 @@ class Transport(virtual.Transport):
             self._listener.close()
             self._listener = None
         if self._owner is not None:
-            maintainer_for(self.engine).close_connection(self._owner)
+            maintainer_for(self.engine).close_connection(self._owner, self._consumed)
             self._owner = None
+            self._consumed = set()
 
     @property
     def listener(self) -> Listener:
@@ -265,6 +454,21 @@ class Transport(virtual.Transport):
 
     def forget_queue(self, queue: str) -> None:
         self._declared.discard(queue)
+
+    def declare_exchange_once(self, exchange: str, type: str) -> None:
+        if exchange not in self._exchanges:
+            self.engine.declare_exchange(exchange, type)
+            self._exchanges.add(exchange)
+
+    def consuming(self, queue: str, on: bool) -> None:
+        """Tell the process's Maintainer which queues this connection consumes (they
+        do not expire while a live process consumes them)."""
+        if on and queue not in self._consumed:
+            self._consumed.add(queue)
+            maintainer_for(self.engine).consume(self.owner(), [queue])
+        elif not on and queue in self._consumed:
+            self._consumed.discard(queue)
+            maintainer_for(self.engine).cancel(self.owner(), [queue])
 
     # -- consuming -----------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ import threading
 from typing import Any
 
 from celery import bootsteps, signals
+from celery.worker.consumer.gossip import Gossip
+from celery.worker.consumer.mingle import Mingle
 from kombu import Connection
 from kombu.transport import resolve_transport
 
@@ -48,13 +50,18 @@ def uses_pgbroker(app) -> bool:
 
 
 def install(app) -> None:
-    """Report task outcomes of ``app``'s tasks to their job rows. Idempotent."""
+    """Report task outcomes of ``app``'s tasks to their job rows, and let mingle and
+    gossip run over pgbroker. Idempotent."""
     with _lock:
         if id(app) in _apps:
             return
         _apps[id(app)] = app
         Channel.task_outcomes_from_worker = True
         app.steps["consumer"].add(WorkerHooks)
+        # Celery runs mingle (start-up sync of revokes and clocks) and gossip (worker
+        # events between workers) only over transports it lists as able to broadcast.
+        for step in (Mingle, Gossip):
+            step.compatible_transports = frozenset(step.compatible_transports) | {Transport.driver_type}
 
 
 def _engine(app) -> JobEngine:

@@ -98,6 +98,8 @@ UPDATE {schema}.jobs AS j SET
     completed_at = CASE WHEN s.op = 'completed' THEN now() ELSE j.completed_at END,
     discarded_at = CASE WHEN s.op = 'discarded' THEN now() ELSE j.discarded_at END,
     cancelled_at = CASE WHEN s.op = 'cancelled' THEN now() ELSE j.cancelled_at END,
+    cancelled_by = CASE WHEN s.op = 'cancelled' THEN coalesce(j.cancelled_by, 'worker ' || j.attempted_by)
+                        ELSE j.cancelled_by END,
     errors = CASE WHEN s.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(s.error) END
 FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[])
      AS s(id, attempt, op, error)
@@ -153,10 +155,15 @@ SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds
 FROM {schema}.jobs WHERE state IN ('scheduled', 'retryable');
 
 -- name: consumer_heartbeat
--- Register or refresh a consumer process and the list of its open connections.
-INSERT INTO {schema}.consumers (id, hostname, pid, connections)
-VALUES (%(id)s, %(hostname)s, %(pid)s, %(connections)s::text[])
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), connections = excluded.connections;
+-- Register or refresh a consumer process, its open connections and the queues it
+-- consumes (which keeps them from expiring).
+WITH touched AS (
+    UPDATE {schema}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s::text[])
+)
+INSERT INTO {schema}.consumers (id, hostname, pid, connections, queues)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(connections)s::text[], %(queues)s::text[])
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), connections = excluded.connections,
+                               queues = excluded.queues;
 
 -- name: consumer_unregister
 DELETE FROM {schema}.consumers WHERE id = %(id)s;
@@ -204,8 +211,12 @@ SELECT (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM woke) AS woke;
 
 -- name: queue_declare
-INSERT INTO {schema}.queues (name, arguments) VALUES (%(queue)s, %(arguments)s::jsonb)
-ON CONFLICT (name) DO NOTHING;
+-- Declaring a queue again counts as using it (x-expires); its arguments are the
+-- first declaration's, as a broker keeps them.
+INSERT INTO {schema}.queues (name, arguments, expires, message_ttl)
+VALUES (%(queue)s, %(arguments)s::jsonb, make_interval(secs => %(expires)s::float8),
+        make_interval(secs => %(message_ttl)s::float8))
+ON CONFLICT (name) DO UPDATE SET last_used_at = now();
 
 -- name: queue_exists
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
@@ -325,3 +336,114 @@ SELECT current_database() AS database,
             THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system,
        pg_postmaster_start_time()::text AS started,
        inet_server_port() AS port;
+
+-- name: claim_no_ack
+-- The claim of consumers that never acknowledge (remote control, replies, events):
+-- the rows are deleted as they are delivered (at most once, as a broker does for
+-- no-ack consumers), so that this traffic leaves nothing behind. Messages older
+-- than their queue's x-message-ttl are deleted without being delivered (stale).
+WITH picked AS MATERIALIZED (
+    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
+    CROSS JOIN LATERAL (
+        SELECT id, priority FROM {schema}.jobs
+        WHERE state = 'available' AND queue = q.name
+        ORDER BY priority DESC, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) c
+    ORDER BY c.priority DESC, c.id
+    LIMIT %(limit)s
+)
+DELETE FROM {schema}.jobs AS j USING picked
+WHERE j.id = picked.id
+RETURNING j.id, j.attempt + 1 AS attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
+          j.properties::text AS properties, j.body, j.content_type, j.content_encoding,
+          j.inserted_at < now() - (SELECT message_ttl FROM {schema}.queues WHERE name = j.queue) AS stale;
+
+-- name: exchange_declare
+-- The first declaration's type stands (a broker refuses a different one).
+INSERT INTO {schema}.exchanges (name, type) VALUES (%(exchange)s, %(type)s)
+ON CONFLICT (name) DO NOTHING;
+
+-- name: exchange_type
+SELECT type FROM {schema}.exchanges WHERE name = %(exchange)s;
+
+-- name: exchange_delete
+WITH unbound AS (DELETE FROM {schema}.bindings WHERE exchange = %(exchange)s)
+DELETE FROM {schema}.exchanges WHERE name = %(exchange)s;
+
+-- name: binding_add
+-- Bind a queue to an exchange (the queue row is created if it was never declared).
+WITH queue AS (
+    INSERT INTO {schema}.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHING
+)
+INSERT INTO {schema}.bindings (exchange, routing_key, queue, pattern)
+VALUES (%(exchange)s, %(routing_key)s, %(queue)s, %(pattern)s)
+ON CONFLICT (exchange, routing_key, queue) DO UPDATE SET pattern = excluded.pattern;
+
+-- name: binding_remove
+DELETE FROM {schema}.bindings
+WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(queue)s;
+
+-- name: bindings_of
+-- An exchange's routing table, as kombu's exchange types read it.
+SELECT routing_key, pattern, queue FROM {schema}.bindings WHERE exchange = %(exchange)s ORDER BY queue;
+
+-- name: enqueue_fanout
+-- A copy of one message for every queue bound to a fanout exchange, whichever
+-- process bound it, in one statement. The copies carry no task id (the same
+-- Celery task in several queues is several jobs).
+WITH input AS (
+    SELECT NULL::text AS task_id, b.queue, %(task)s::text AS task, %(priority)s::smallint AS priority,
+           %(scheduled_at)s::timestamptz AS scheduled_at, %(expires_at)s::timestamptz AS expires_at,
+           false AS retry, %(headers)s::jsonb AS headers, %(properties)s::jsonb AS properties,
+           %(body)s::text AS body, %(content_type)s::text AS content_type,
+           %(content_encoding)s::text AS content_encoding, row_number() OVER (ORDER BY b.queue) AS ord
+    FROM (SELECT DISTINCT queue FROM {schema}.bindings WHERE exchange = %(exchange)s) b
+), {store_jobs};
+
+-- name: queues_sweep
+-- Delete queues unused for longer than their x-expires (no live consumer lists
+-- them, not declared since), with their messages and bindings; and drop messages
+-- older than their queue's x-message-ttl that nobody took: deleted when they are
+-- not Celery tasks (events, control), discarded with the reason when they are.
+WITH gone AS (
+    DELETE FROM {schema}.queues AS q
+    WHERE q.expires IS NOT NULL AND q.last_used_at < now() - q.expires
+      AND NOT EXISTS (SELECT 1 FROM {schema}.consumers AS c WHERE q.name = ANY(c.queues))
+    RETURNING q.name
+), emptied AS (
+    DELETE FROM {schema}.jobs AS j USING gone WHERE j.queue = gone.name
+    RETURNING 1
+), stale AS (
+    SELECT j.id, j.task_id FROM {schema}.jobs AS j
+    JOIN {schema}.queues AS q ON q.name = j.queue
+    WHERE q.message_ttl IS NOT NULL AND j.state = 'available' AND j.inserted_at < now() - q.message_ttl
+    FOR UPDATE OF j SKIP LOCKED
+), dropped AS (
+    DELETE FROM {schema}.jobs AS j USING stale
+    WHERE j.id = stale.id AND stale.task_id IS NULL
+    RETURNING 1
+), discarded AS (
+    UPDATE {schema}.jobs AS j SET state = 'discarded', discarded_at = now(),
+        errors = j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'at', now(), 'error', 'not delivered within the queue''s x-message-ttl'))
+    FROM stale WHERE j.id = stale.id AND stale.task_id IS NOT NULL
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS queues, (SELECT count(*) FROM emptied) AS emptied,
+       (SELECT count(*) FROM dropped) AS dropped, (SELECT count(*) FROM discarded) AS discarded;
+
+-- name: jobs_cancel
+-- Cancel the jobs of these Celery task ids that have not started: a cancelled job
+-- is never delivered, whatever happens to the workers. Running jobs are left to
+-- their worker (which reports a terminated task as cancelled); `by` says who asked.
+UPDATE {schema}.jobs SET state = 'cancelled', cancelled_at = now(), cancelled_by = %(by)s
+WHERE task_id = ANY(%(task_ids)s::text[]) AND state IN ('available', 'scheduled', 'retryable')
+RETURNING task_id;
+
+-- name: jobs_mark_cancelling
+-- Record who asked for running jobs to be terminated (their worker reports the outcome).
+UPDATE {schema}.jobs SET cancelled_by = %(by)s
+WHERE task_id = ANY(%(task_ids)s::text[]) AND state = 'executing';
