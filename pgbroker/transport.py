@@ -107,7 +107,8 @@ def routes_for(engine: JobEngine) -> Routes:
 
 
 def revoked_task_ids(channel: "Channel", message: dict) -> tuple[list[str], bool]:
-    """(task ids, terminate) of a remote-control ``revoke`` broadcast, else ([], False)."""
+    """(task ids, terminate) of a remote-control ``revoke`` or ``terminate`` broadcast,
+    else ([], False)."""
     props = message.get("properties") or {}
     try:
         body = channel.decode_body(message["body"], props.get("body_encoding"))
@@ -116,12 +117,13 @@ def revoked_task_ids(channel: "Channel", message: dict) -> tuple[list[str], bool
     except Exception as exc:
         logger.warning("pgbroker: could not read a remote-control message: %r", exc)
         return [], False
-    if not isinstance(payload, dict) or payload.get("method") != "revoke":
+    method = payload.get("method") if isinstance(payload, dict) else None
+    if method not in ("revoke", "terminate"):
         return [], False
     arguments = payload.get("arguments") or {}
     ids = arguments.get("task_id")
     ids = [ids] if isinstance(ids, str) else [str(i) for i in (ids or [])]
-    return ids, bool(arguments.get("terminate"))
+    return ids, method == "terminate" or bool(arguments.get("terminate"))
 
 
 class Channel(virtual.Channel):

@@ -130,6 +130,11 @@ def _on_worker_init(sender=None, **kwargs):
     app = getattr(sender, "app", None)
     if app is not None and uses_pgbroker(app):
         install(app)
+        # The worker's loop is Celery's blocking one (the transport waits on LISTEN
+        # itself): with the pool's put-locks it would block in apply_async while every
+        # process is busy, and stop answering remote control and gossip until one is
+        # free. The prefetch window bounds what the pool can be handed anyway.
+        sender.pool_putlocks = False
 
 
 @signals.worker_ready.connect

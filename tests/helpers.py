@@ -33,12 +33,14 @@ class Worker:
 
     def __init__(self, env: dict, app: str = "tests.apps.celeryapp", pool: str = "prefork",
                  concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=(),
-                 overrides: dict | None = None, cwd: Path | None = None):
+                 overrides: dict | None = None, cwd: Path | None = None, monitoring: bool = False):
+        """``monitoring``: run with Celery's defaults (mingle, gossip, heartbeats) and task
+        events (``-E``); otherwise those are off, which keeps start-up fast."""
         self.ready_file = Path(env["TEST_READY_DIR"]) / f"{name}.ready"
         self.ready_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
-               "-n", f"{name}@%h", "-l", "info", "--without-mingle", "--without-gossip",
-               "--without-heartbeat", *extra]
+               "-n", f"{name}@%h", "-l", "info", *extra]
+        cmd += ["-E"] if monitoring else ["--without-mingle", "--without-gossip", "--without-heartbeat"]
         if queues:
             cmd += ["-Q", queues]
         self.log_path = Path(env["TEST_READY_DIR"]) / f"{name}.log"

@@ -31,6 +31,7 @@ app.conf.update(
     task_routes={"tests.apps.celeryapp.routed": {"queue": "routed-q"}},
     worker_prefetch_multiplier=int(os.environ.get("PREFETCH_MULTIPLIER", "4")),
     broker_connection_retry_on_startup=True,
+    event_queue_expires=float(os.environ.get("EVENT_QUEUE_EXPIRES", "60")),
 )
 if os.environ.get("RESULT_BACKEND"):
     serializer = os.environ.get("RESULT_SERIALIZER", "json")

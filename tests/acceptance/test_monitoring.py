@@ -1,0 +1,201 @@
+"""Remote control and monitoring against real `celery worker` processes: `celery inspect`,
+`celery control`, `celery status`, `celery events --dump`, Flower, and durable revoke.
+
+Workers run with Celery's defaults for monitoring (mingle, gossip, heartbeats) and
+task events, on different queues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.helpers import ROOT, wait_for
+
+HOST = socket.gethostname()
+W1, W2 = f"w1@{HOST}", f"w2@{HOST}"
+APP = "tests.apps.celeryapp"
+
+
+@pytest.fixture
+def celery_cli(worker_env):
+    """Run the `celery` program against the tests' app; returns its stdout."""
+
+    def run(*args: str, timeout: float = 60, check: bool = True) -> str:
+        done = subprocess.run([sys.executable, "-m", "celery", "-A", APP, *args], cwd=ROOT,
+                              env={**os.environ, **worker_env}, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0 or not check, f"celery {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout + done.stderr
+
+    def inspect(*args: str) -> dict:
+        return json.loads(run("inspect", *args, "--json").strip().splitlines()[-1])
+
+    run.inspect = inspect
+    return run
+
+
+@pytest.fixture
+def two_workers(start_worker):
+    """w1 on the default queue (prefork, 2 processes), w2 on `other` (1 process)."""
+    w1 = start_worker(name="w1", concurrency=2, monitoring=True)
+    w2 = start_worker(name="w2", concurrency=1, queues="other", monitoring=True)
+    return w1, w2
+
+
+def effects(sql, what=None):
+    rows = sql("SELECT key, what FROM {schema}.effects ORDER BY id")
+    return [r["key"] for r in rows if what is None or r["what"] == what]
+
+
+def open_gate(sql):
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+
+
+def test_inspect_commands_answer_from_both_workers(two_workers, celery_app, celery_cli, sql):
+    w1, w2 = two_workers
+    assert "sync with" in w2.output() or "mingle: sync" in w2.output()  # mingle found w1
+    assert celery_cli.inspect("ping") == {W1: {"ok": "pong"}, W2: {"ok": "pong"}}
+    assert "2 nodes online" in celery_cli("status")
+
+    running = [celery_app.gated.delay(f"g{i}") for i in range(3)]  # 2 run on w1, 1 waits there
+    wait_for(lambda: len(effects(sql, "started")) == 2, what="two gated tasks to start")
+    ids = {r.id for r in running}
+    active = celery_cli.inspect("active")
+    active_ids = {t["id"] for t in active[W1]}
+    assert len(active_ids) == 2 and active_ids <= ids and active[W2] == []
+    reserved = celery_cli.inspect("reserved")
+    assert [t["id"] for t in reserved[W1]] == list(ids - active_ids) and reserved[W2] == []
+    one = sorted(active_ids)[0]
+    queried = celery_cli.inspect("query_task", one)
+    assert queried[W1][one][0] == "active" and queried[W2] == {}
+    assert celery_cli.inspect("scheduled") == {W1: [], W2: []}  # ETA tasks wait in Postgres
+
+    stats = celery_cli.inspect("stats")
+    assert stats[W1]["pool"]["max-concurrency"] == 2 and stats[W2]["pool"]["max-concurrency"] == 1
+    assert stats[W1]["broker"]["transport"] == "pgbroker"
+    registered = celery_cli.inspect("registered")
+    assert f"{APP}.add" in registered[W1] and f"{APP}.add" in registered[W2]
+    queues = celery_cli.inspect("active_queues")
+    assert [q["name"] for q in queues[W1]] == ["celery"] and [q["name"] for q in queues[W2]] == ["other"]
+    conf = celery_cli.inspect("conf")
+    assert conf[W1]["broker_url"].startswith("pgbroker://") and "********" in conf[W1]["broker_url"]
+    open_gate(sql)
+    wait_for(lambda: len(effects(sql, "done")) == 3, what="the gated tasks to finish")
+
+
+def test_control_commands_change_running_workers(two_workers, celery_app, celery_cli, sql):
+    w1, w2 = two_workers
+    assert "new rate limit set successfully" in celery_cli("control", "rate_limit", f"{APP}.add", "10/m")
+    assert "time limits set successfully" in celery_cli("control", "time_limit", f"{APP}.gated", "5", "10")
+
+    assert "add consumer extra-q" in celery_cli("control", "add_consumer", "extra-q", "-d", W2)
+    celery_app.record.apply_async(("via-extra",), queue="extra-q")
+    wait_for(lambda: effects(sql) == ["via-extra"], what="the task sent to the added queue")
+    assert "extra-q" in [q["name"] for q in celery_cli.inspect("active_queues", "-d", W2)[W2]]
+    assert "no longer consuming from extra-q" in celery_cli("control", "cancel_consumer", "extra-q", "-d", W2)
+    assert "extra-q" not in [q["name"] for q in celery_cli.inspect("active_queues", "-d", W2)[W2]]
+
+    assert "pool will grow" in celery_cli("control", "pool_grow", "1", "-d", W1)
+    wait_for(lambda: len(celery_cli.inspect("stats", "-d", W1)[W1]["pool"]["processes"]) == 3,
+             what="the pool to grow")
+    assert "pool will shrink" in celery_cli("control", "pool_shrink", "1", "-d", W1)
+    wait_for(lambda: len(celery_cli.inspect("stats", "-d", W1)[W1]["pool"]["processes"]) == 2,
+             what="the pool to shrink")
+
+    # A worker does not reply to `shutdown` (with any broker); it logs it and stops.
+    celery_cli("control", "shutdown", "-d", W2, check=False)
+    wait_for(lambda: w2.proc.poll() is not None, what="w2 to shut down")
+    assert "Got shutdown from remote" in w2.output()
+    assert celery_cli.inspect("ping") == {W1: {"ok": "pong"}}
+
+
+def test_revoke_is_durable_and_terminate_reaches_the_running_task(start_worker, celery_app, celery_cli, sql):
+    worker = start_worker(name="w1", concurrency=2, monitoring=True)
+    later = celery_app.record.apply_async(("revoked-eta",), countdown=2)
+    celery_cli("control", "revoke", later.id)
+    job = sql("SELECT state::text, cancelled_at, cancelled_by FROM {schema}.jobs WHERE task_id = %s", later.id)[0]
+    assert job["state"] == "cancelled" and job["cancelled_at"] is not None
+    assert "revoke" in job["cancelled_by"] and HOST in job["cancelled_by"]
+
+    running = celery_app.gated.delay("to-terminate")
+    wait_for(lambda: effects(sql, "started") == ["to-terminate"], what="the task to start")
+    celery_cli("control", "terminate", "SIGTERM", running.id)
+    wait_for(lambda: sql("SELECT state::text, cancelled_by FROM {schema}.jobs WHERE task_id = %s AND state = "
+                         "'cancelled'", running.id), what="the terminated task's job to be cancelled")
+    assert "terminate" in sql("SELECT cancelled_by FROM {schema}.jobs WHERE task_id = %s", running.id)[0][
+        "cancelled_by"]
+
+    # Every worker restarts (Celery forgets its in-memory revokes): the task still never runs.
+    worker.stop()
+    start_worker(name="w1b", concurrency=1, monitoring=True)
+    marker = celery_app.record.apply_async(("after",), countdown=3)
+    wait_for(lambda: "after" in effects(sql), what="a task due after the revoked one")
+    assert "revoked-eta" not in effects(sql)
+    assert sql("SELECT state::text FROM {schema}.jobs WHERE task_id = %s", later.id)[0]["state"] == "cancelled"
+    assert marker.id != later.id
+
+
+def test_events_dump_sees_heartbeats_and_task_events_and_its_queue_expires(start_worker, celery_app, worker_env,
+                                                                           sql, tmp_path):
+    start_worker(name="w1", monitoring=True)
+    log = open(tmp_path / "events.log", "wb")
+    env = {**os.environ, **worker_env, "EVENT_QUEUE_EXPIRES": "2"}
+    dump = subprocess.Popen([sys.executable, "-m", "celery", "-A", APP, "events", "--dump"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out = lambda: (tmp_path / "events.log").read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: "starting capture" in out(), what="the monitor to start")
+        result = celery_app.add.delay(2, 3)
+        wait_for(lambda: f"task succeeded: {APP}.add({result.id})" in out(), what="the task events")
+        assert f"task received: {APP}.add({result.id})" in out()
+        wait_for(lambda: f"w1@{HOST}" in out() and "heartbeat" in out(), what="a worker heartbeat")
+        monitor_queues = sql("SELECT unnest(queues) AS name FROM {schema}.consumers WHERE pid = %s", dump.pid)
+        assert [q["name"].startswith("celeryev.") for q in monitor_queues] == [True]
+    finally:
+        os.killpg(dump.pid, signal.SIGKILL)  # a crashed monitor: nothing cleans up after it
+        dump.wait(10)
+        log.close()
+    # Its queue, binding and the events that kept coming are swept once it expires.
+    names = [q["name"] for q in monitor_queues]
+    wait_for(lambda: not sql("SELECT 1 FROM {schema}.queues WHERE name = ANY(%s)", names)
+             and not sql("SELECT 1 FROM {schema}.jobs WHERE queue = ANY(%s)", names)
+             and not sql("SELECT 1 FROM {schema}.bindings WHERE queue = ANY(%s)", names),
+             timeout=40, what="the dead monitor's queue to be swept")
+
+
+def test_flower_lists_workers_and_follows_task_states(start_worker, celery_app, worker_env, sql, tmp_path):
+    pytest.importorskip("flower")
+    start_worker(name="w1", monitoring=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "flower.log", "wb")
+    env = {**os.environ, **worker_env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", APP, "flower", f"--port={port}",
+                               "--address=127.0.0.1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+
+    def api(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/{path}", timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    try:
+        wait_for(lambda: f"w1@{HOST}" in (api("workers") or {}), timeout=60, what="Flower to list the worker")
+        task = celery_app.gated.delay("watched")
+        state = lambda: ((api("tasks") or {}).get(task.id) or {}).get("state")  # noqa: E731
+        wait_for(lambda: state() == "STARTED", timeout=30, what="Flower to show the task started")
+        open_gate(sql)
+        wait_for(lambda: state() == "SUCCESS", timeout=30, what="Flower to show the task succeeded")
+    finally:
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(10)
+        log.close()
