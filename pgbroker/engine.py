@@ -288,6 +288,12 @@ class JobEngine:
         """The job rows of these Celery task ids."""
         return [Job.from_row(r) for r in self.db.fetchall("jobs_by_task_id", task_ids=list(task_ids))]
 
+    def scheduled_listing(self, consumer: str, queues: Sequence[str], limit: int = 1000) -> list[dict]:
+        """Kombu message dicts of the scheduled jobs of ``queues`` that process ``consumer``
+        lists in ``celery inspect scheduled`` (see the query)."""
+        rows = self.db.fetchall("jobs_scheduled_listing", consumer=consumer, queues=list(queues), limit=limit)
+        return [from_row(r) for r in rows]
+
     def recent_jobs(self, queue: str | None = None, limit: int = 20) -> list[Job]:
         return [Job.from_row(r) for r in self.db.fetchall("jobs_recent", queue=queue, limit=limit)]
 

@@ -22,14 +22,18 @@ import threading
 from typing import Any
 
 from celery import bootsteps, signals
+from celery.worker import control as _control
+from celery.worker.request import Request
 from celery.worker.consumer.gossip import Gossip
 from celery.worker.consumer.mingle import Mingle
 from kombu import Connection
+from kombu.serialization import prepare_accept_content
 from kombu.transport import resolve_transport
 
 from .config import Options, conninfo_from_url
 from .db import Database
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
+from .maintenance import maintainer_for
 from .transport import Channel, Transport
 
 logger = logging.getLogger(__name__)
@@ -146,6 +150,39 @@ def _on_worker_ready(sender=None, **kwargs):
     backend = getattr(app, "backend", None) if app is not None else None
     if isinstance(backend, ResultBackend):
         backend.start_pruner()
+
+
+_celery_scheduled = _control.Panel.data["scheduled"]
+#: The priority Celery's worker gives the timer entries of the ETA tasks it holds.
+_ETA_ENTRY_PRIORITY = 6
+
+
+@_control.inspect_command(alias="dump_schedule")
+def scheduled(state, **kwargs):
+    """List of ETA/countdown tasks: with pgbroker they wait in Postgres, not in a worker.
+
+    Each scheduled job of the queues this worker consumes is listed by exactly one of
+    the live workers consuming its queue, so ``celery inspect scheduled`` (and Flower)
+    show the whole schedule once, in Celery's format. Other brokers: Celery's answer.
+    """
+    held = _celery_scheduled(state, **kwargs)
+    app, consumer = state.app, state.consumer
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if id(app) not in _apps or task_consumer is None:
+        return held
+    engine = _engine(app)
+    queues = [q.name for q in task_consumer.queues]
+    accept = prepare_accept_content(app.conf.accept_content)
+    for payload in engine.scheduled_listing(maintainer_for(engine).consumer_id, queues):
+        try:
+            message = task_consumer.channel.Message(payload, channel=task_consumer.channel, accept=accept)
+            request = Request(message, app=app, hostname=consumer.hostname)
+        except Exception as exc:  # not a task this worker knows or accepts: not listed
+            logger.debug("pgbroker: scheduled job not listed: %r", exc)
+            continue
+        held.append({"eta": request.eta.isoformat() if request.eta else None,
+                     "priority": _ETA_ENTRY_PRIORITY, "request": request.info()})
+    return held
 
 
 class WorkerHooks(bootsteps.Step):

@@ -447,3 +447,24 @@ RETURNING task_id;
 -- Record who asked for running jobs to be terminated (their worker reports the outcome).
 UPDATE {schema}.jobs SET cancelled_by = %(by)s
 WHERE task_id = ANY(%(task_ids)s::text[]) AND state = 'executing';
+
+-- name: jobs_scheduled_listing
+-- The Celery tasks of the given queues waiting for their ETA, as one consuming
+-- process lists them for `celery inspect scheduled`. They wait in the database,
+-- not in a worker, so each is listed by exactly one of the live processes that
+-- consume its queue (job id modulo their number): the workers' answers add up to
+-- the whole schedule, without duplicates.
+WITH consuming AS (
+    SELECT q.name AS queue, c.id,
+           row_number() OVER (PARTITION BY q.name ORDER BY c.id) - 1 AS rank,
+           count(*) OVER (PARTITION BY q.name) AS n
+    FROM {schema}.consumers AS c CROSS JOIN LATERAL unnest(c.queues) AS q(name)
+    WHERE q.name = ANY(%(queues)s::text[])
+)
+SELECT j.id, j.attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
+       j.properties::text AS properties, j.body, j.content_type, j.content_encoding
+FROM consuming AS me JOIN {schema}.jobs AS j ON j.queue = me.queue
+WHERE me.id = %(consumer)s AND j.state IN ('scheduled', 'retryable') AND j.task_id IS NOT NULL
+  AND j.id %% me.n = me.rank
+ORDER BY j.scheduled_at, j.id
+LIMIT %(limit)s;

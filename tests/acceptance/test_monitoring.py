@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -74,7 +75,12 @@ def test_inspect_commands_answer_from_both_workers(two_workers, celery_app, cele
     one = sorted(active_ids)[0]
     queried = celery_cli.inspect("query_task", one)
     assert queried[W1][one][0] == "active" and queried[W2] == {}
-    assert celery_cli.inspect("scheduled") == {W1: [], W2: []}  # ETA tasks wait in Postgres
+    assert celery_cli.inspect("scheduled") == {W1: [], W2: []}
+    later = celery_app.add.apply_async((1, 2), countdown=600)  # waits in Postgres, listed by w1
+    listed = celery_cli.inspect("scheduled")
+    assert listed[W2] == [] and [e["request"]["id"] for e in listed[W1]] == [later.id]
+    assert datetime.fromisoformat(listed[W1][0]["eta"]) > datetime.now(timezone.utc) + timedelta(seconds=500)
+    assert listed[W1][0]["request"]["args"] == [1, 2]
 
     stats = celery_cli.inspect("stats")
     assert stats[W1]["pool"]["max-concurrency"] == 2 and stats[W2]["pool"]["max-concurrency"] == 1
@@ -87,6 +93,16 @@ def test_inspect_commands_answer_from_both_workers(two_workers, celery_app, cele
     assert conf[W1]["broker_url"].startswith("pgbroker://") and "********" in conf[W1]["broker_url"]
     open_gate(sql)
     wait_for(lambda: len(effects(sql, "done")) == 3, what="the gated tasks to finish")
+
+
+def test_scheduled_tasks_are_listed_once_across_workers_of_a_queue(start_worker, celery_app, celery_cli):
+    start_worker(name="w1", concurrency=1, monitoring=True)
+    start_worker(name="w2", concurrency=1, monitoring=True)
+    waiting = {celery_app.add.apply_async((i, i), countdown=600).id for i in range(8)}
+    listed = celery_cli.inspect("scheduled")
+    ids = [e["request"]["id"] for entries in listed.values() for e in entries]
+    assert sorted(ids) == sorted(waiting)
+    assert all(listed[w] for w in (W1, W2))  # shared between the two workers
 
 
 def test_control_commands_change_running_workers(two_workers, celery_app, celery_cli, sql):
@@ -150,13 +166,14 @@ def test_events_dump_sees_heartbeats_and_task_events_and_its_queue_expires(start
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out = lambda: (tmp_path / "events.log").read_text(errors="replace")  # noqa: E731
-        wait_for(lambda: "starting capture" in out(), what="the monitor to start")
+        # Events are transient: the monitor sees those sent once its queue is bound.
+        monitor_queues = wait_for(lambda: sql("SELECT unnest(queues) AS name FROM {schema}.consumers "
+                                              "WHERE pid = %s", dump.pid), what="the monitor's queue")
+        assert [q["name"].startswith("celeryev.") for q in monitor_queues] == [True]
         result = celery_app.add.delay(2, 3)
         wait_for(lambda: f"task succeeded: {APP}.add({result.id})" in out(), what="the task events")
         assert f"task received: {APP}.add({result.id})" in out()
         wait_for(lambda: f"w1@{HOST}" in out() and "heartbeat" in out(), what="a worker heartbeat")
-        monitor_queues = sql("SELECT unnest(queues) AS name FROM {schema}.consumers WHERE pid = %s", dump.pid)
-        assert [q["name"].startswith("celeryev.") for q in monitor_queues] == [True]
     finally:
         os.killpg(dump.pid, signal.SIGKILL)  # a crashed monitor: nothing cleans up after it
         dump.wait(10)
