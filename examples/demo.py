@@ -5,7 +5,8 @@ With PGBROKER_URL unset it starts an embedded PostgreSQL (pgserver) in
 countdown, retrying and failing tasks plus one for an unknown task, and two
 published inside a database transaction (one committed, one rolled back), shows
 their job rows live in a table, runs a chord and a ``delay().get()`` through the
-Postgres result backend, then stops the worker and exits.
+Postgres result backend, asks the worker over remote control (ping, the schedule)
+and revokes a scheduled task for good, then stops the worker and exits.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def run(url: str) -> int:
     console.print(f"[bold]broker[/]: {shop.app.connection_for_write().as_uri()}  schema {SCHEMA}")
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "shop", "worker", "-P", "threads", "-c", "2", "-l", "warning",
-         "--without-mingle", "--without-gossip", "--without-heartbeat", "-n", "demo@%h"],
+         "-n", "demo@%h"],
         cwd=HERE, env=env, start_new_session=True,
     )
     try:
@@ -113,6 +114,7 @@ def run(url: str) -> int:
             left = conn.execute(f"SELECT count(*) FROM {SCHEMA}.jobs WHERE task_id = %s", (rolled_back,)).fetchone()[0]
         console.print(f"[bold]rolled back[/]: the task published in the rolled-back transaction left {left} job rows.")
         show_results(shop, conninfo)
+        show_remote_control(shop, conninfo)
         from pgbroker.maintenance import shutdown
 
         shutdown(shop.app.backend.db)  # before the embedded server stops
@@ -162,6 +164,23 @@ def show_results(shop, conninfo: str) -> None:
     for name, state, n in rows:
         t.add_row(name or "?", state, str(n))
     console.print(t)
+
+
+def show_remote_control(shop, conninfo: str) -> None:
+    """celery inspect/control over Postgres, and a revoke that outlives every worker."""
+    started = time.perf_counter()
+    replies = shop.app.control.ping(timeout=2.0, limit=1)
+    console.print(f"[bold]control.ping()[/] -> {replies} in {(time.perf_counter() - started) * 1000:.0f} ms")
+    later = shop.add.apply_async((1, 1), countdown=600)
+    scheduled = shop.app.control.inspect(timeout=1.0).scheduled() or {}
+    ids = [e["request"]["id"] for entries in scheduled.values() for e in entries]
+    console.print(f"[bold]inspect().scheduled()[/] lists the countdown task waiting in Postgres: {later.id in ids}")
+    later.revoke()
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        state, by = conn.execute(f"SELECT state, cancelled_by FROM {SCHEMA}.jobs WHERE task_id = %s",
+                                 (later.id,)).fetchone()
+    console.print(f"[bold]revoke()[/] -> job [{COLORS[state]}]{state}[/] by {by!r}; result state {later.state}: "
+                  "it will never run, even if every worker restarts.")
 
 
 if __name__ == "__main__":

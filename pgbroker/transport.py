@@ -405,6 +405,7 @@ class Transport(virtual.Transport):
         self._exchanges: set[str] = set()
         self._consumed: set[str] = set()
         self._waiting = False
+        self._interrupted = False
         #: Whether a claim may find something now (see drain_events).
         self.claim_due = True
 
@@ -448,6 +449,12 @@ class Transport(virtual.Transport):
         """Interrupt :meth:`drain_events` if it is waiting (called from any thread)."""
         if self._waiting and self._listener is not None:
             self._listener.wake()
+
+    def interrupt(self) -> None:
+        """Make :meth:`drain_events` return soon (``socket.timeout``) so that the caller's
+        loop runs what another thread scheduled for it (called from any thread)."""
+        self._interrupted = True
+        self.wake()
 
     def declare_queue_once(self, queue: str, arguments: dict) -> None:
         if queue not in self._declared:
@@ -500,6 +507,9 @@ class Transport(virtual.Transport):
                         if i < len(channels) - 1:  # the channels after it have not looked yet
                             self.claim_due = True
                         return
+                if self._interrupted:
+                    self._interrupted = False
+                    raise socket.timeout()
                 wait = self.polling_interval
                 if deadline is not None:
                     wait = min(wait, deadline - monotonic())

@@ -55,6 +55,8 @@ class Job:
     attempted_by: str | None
     errors: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Who or what cancelled the job (a remote-control revoke names its host and pid).
+    cancelled_by: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Job":

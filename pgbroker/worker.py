@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from typing import Any
 
 from celery import bootsteps, signals
 from celery.worker import control as _control
+from celery.exceptions import TaskRevokedError
 from celery.worker.request import Request
 from celery.worker.consumer.gossip import Gossip
 from celery.worker.consumer.mingle import Mingle
@@ -136,8 +138,8 @@ def _on_worker_init(sender=None, **kwargs):
         install(app)
         # The worker's loop is Celery's blocking one (the transport waits on LISTEN
         # itself): with the pool's put-locks it would block in apply_async while every
-        # process is busy, and stop answering remote control and gossip until one is
-        # free. The prefetch window bounds what the pool can be handed anyway.
+        # process is busy, and stop answering remote control until one is free. The
+        # PoolGate (see WorkerHooks) holds such requests back instead.
         sender.pool_putlocks = False
 
 
@@ -201,8 +203,13 @@ class WorkerHooks(bootsteps.Step):
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
+        gate = None
+        if c.pool is not None and getattr(c.pool, "uses_semaphore", False) and c.controller is not None \
+                and not c.controller.use_eventloop:
+            gate = PoolGate(c)
+            c.on_task_request = gate.process_task
         if c.pool is not None:
-            c.pool.apply_async = _reporting_success(c.app, c.pool.apply_async)
+            c.pool.apply_async = _reporting_success(c.app, c.pool.apply_async, gate)
         c.on_unknown_task = _tagging(c.on_unknown_task, lambda body, m, exc: f"unknown task: {exc!r}")
         c.on_invalid_task = _tagging(c.on_invalid_task, lambda body, m, exc: f"invalid task message: {exc!r}")
         c.on_unknown_message = _tagging(c.on_unknown_message, lambda body, m: "not a Celery task message")
@@ -211,27 +218,94 @@ class WorkerHooks(bootsteps.Step):
         )
 
 
-def _reporting_success(app, apply_async):
-    """Wrap ``pool.apply_async`` so that a successful result completes its job row.
+class PoolGate:
+    """Hands task requests to a prefork pool only while one of its processes is free.
+
+    Celery's event loop does this with a semaphore; its blocking loop, which workers
+    on pgbroker run, relies instead on the pool blocking the main thread until a
+    process is free, and while blocked the worker answers no remote control. Here
+    the requests wait in the main process instead, in order, and are handed over as
+    processes finish, each checked for revocation and expiry at that moment (as the
+    event loop does), so a task that expired while waiting is revoked, not run.
+
+    Completions arrive on the pool's result thread: they schedule the hand-off on
+    the worker's main thread (Celery's ``call_soon``) and interrupt its wait.
+    """
+
+    def __init__(self, consumer):
+        self.consumer = consumer
+        self.pool = consumer.pool
+        self.waiting: deque = deque()
+        self.running = 0  # handed to the pool and not finished (main thread only)
+
+    def process_task(self, request) -> None:
+        self.waiting.append(request)
+        self._hand_over()
+
+    def finished(self) -> None:
+        """A job of the pool finished (any thread)."""
+        self.consumer.call_soon(self._on_finished)
+        transport = getattr(self.consumer.connection, "transport", None)
+        if isinstance(transport, Transport):
+            transport.interrupt()
+
+    def _on_finished(self) -> None:
+        self.running = max(0, self.running - 1)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self.waiting and self.running < max(1, self.pool.num_processes or 1):
+            request = self.waiting.popleft()
+            try:
+                request.execute_using_pool(self.pool)
+            except TaskRevokedError:  # revoked or expired while it waited: never handed over
+                continue
+            self.running += 1
+
+
+def _reporting_success(app, apply_async, gate: PoolGate | None = None):
+    """Wrap ``pool.apply_async`` so that a successful result completes its job row
+    (and, with a :class:`PoolGate`, that every finished job is reported to it).
 
     Celery calls it with ``args=(task name, task id, request dict, body, …)``; the
     request dict carries our ``pgbroker_job`` header, and the callback receives
     ``(failed, retval, runtime)`` in the main process whatever the pool.
     """
 
-    def apply(target, args=None, kwargs=None, callback=None, **options):
+    def apply(target, args=None, kwargs=None, callback=None, error_callback=None, **options):
         job = _job_of(args[2]) if args and len(args) > 2 and isinstance(args[2], dict) else None
-        if job is not None and callback is not None:
-            on_result = callback
+        done = _once(gate.finished) if gate is not None else None
+        on_result, on_error = callback, error_callback
 
-            def callback(result, *a, **kw):
-                if not result[0]:
-                    _engine(app).settler.submit(Outcome(job[0], job[1], "completed"))
-                return on_result(result, *a, **kw)
+        def callback(result, *a, **kw):
+            if job is not None and not result[0]:
+                _engine(app).settler.submit(Outcome(job[0], job[1], "completed"))
+            if done is not None:
+                done()
+            return on_result(result, *a, **kw) if on_result is not None else None
 
-        return apply_async(target, args, kwargs, callback=callback, **options)
+        def error_callback(*a, **kw):
+            if done is not None:
+                done()
+            return on_error(*a, **kw) if on_error is not None else None
+
+        return apply_async(target, args, kwargs, callback=callback, error_callback=error_callback, **options)
 
     return apply
+
+
+def _once(fn):
+    """``fn`` callable any number of times, run only the first."""
+    lock, called = threading.Lock(), []
+
+    def once():
+        with lock:
+            if called:
+                return
+            called.append(True)
+        fn()
+
+    return once
 
 
 def _tagging(handler, reason, first: int = 1):

@@ -19,6 +19,8 @@ def test_demo_runs_to_completion(database_url):
     assert "all jobs reached a final state" in out.stdout
     assert "in a committed txn" in out.stdout and "left 0 job rows" in out.stdout
     assert "-> 1050 cents" in out.stdout and "add.delay(20, 22).get() -> 42" in out.stdout
+    assert "{'demo@" in out.stdout and "waiting in Postgres: True" in out.stdout
+    assert "cancelled" in out.stdout and "result state REVOKED" in out.stdout
 
 
 def _example_env(database_url: str, schema: str, sql, tmp_path) -> dict:
@@ -104,3 +106,14 @@ def test_django_app(database_url, schema, sql, tmp_path):
         assert len(sql("SELECT 1 FROM {schema}.orders_payment")) == 1
     finally:
         worker.stop()
+
+
+def test_remote_control_example(worker_env, start_worker):
+    start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples", monitoring=True)
+    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
+    out = subprocess.run([sys.executable, "remote_control.py"], cwd=ROOT / "examples", env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ping: {'w1@" in out.stdout and "consumes ['celery']" in out.stdout
+    assert out.stdout.count("succeeded -> ") == 3
+    assert "job cancelled by 'celery remote control revoke from" in out.stdout and "result REVOKED" in out.stdout
