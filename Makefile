@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench compat install clean
+.PHONY: demo test bench bench-control compat install clean
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ bench: $(VENV)/.installed-dev
 	$(PY) -m pip install -q -e '.[bench]'
 	bash bench/services.sh
 	$(PY) bench/run.py
+
+# Remote-control cost: inspect ping vs Redis/RabbitMQ, and table sizes under 4 idle
+# workers for 10 minutes (MINUTES=… to change).
+MINUTES ?= 10
+bench-control: $(VENV)/.installed-dev
+	$(PY) -m pip install -q -e '.[bench]'
+	bash bench/services.sh
+	$(PY) bench/control.py --minutes $(MINUTES)
 
 # Celery's own integration suite against pgbroker (brings up PostgreSQL with the test
 # role and database, as the benchmark does; see README).

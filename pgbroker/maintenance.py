@@ -65,8 +65,9 @@ class Maintainer:
         with self._lock:
             self._queues.get(owner, set()).difference_update(queues)
 
-    def close_connection(self, owner: str, queues=()) -> None:
-        """Forget a closed connection: its unacknowledged jobs become rescuable at once."""
+    def close_connection(self, owner: str) -> None:
+        """Forget a closed connection: its unacknowledged jobs become rescuable at once, and
+        the queues it consumed can expire."""
         with self._lock:
             self._connections.discard(owner)
             self._queues.pop(owner, None)

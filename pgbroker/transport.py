@@ -429,7 +429,7 @@ class Transport(virtual.Transport):
             self._listener.close()
             self._listener = None
         if self._owner is not None:
-            maintainer_for(self.engine).close_connection(self._owner, self._consumed)
+            maintainer_for(self.engine).close_connection(self._owner)
             self._owner = None
             self._consumed = set()
 
