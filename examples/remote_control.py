@@ -13,8 +13,6 @@ restarts (`celery control revoke <id>` and Flower's revoke button do the same).
 from __future__ import annotations
 
 import sys
-import threading
-import time
 
 import shop
 from pgbroker import JobState
@@ -37,16 +35,18 @@ def main() -> int:
     # Task events, as `celery events` and Flower receive them.
     seen: list[str] = []
     with app.connection_for_read() as conn:
-        receiver = app.events.Receiver(conn, handlers={
-            "task-succeeded": lambda event: seen.append(f"{event['uuid']} succeeded -> {event['result']}"),
-        })
-        threading.Thread(target=lambda: receiver.capture(limit=3, timeout=10), daemon=True).start()
-        time.sleep(0.5)  # the receiver binds its queue; events sent before that are not kept
+        def succeeded(event):
+            seen.append(f"{event['uuid']} succeeded -> {event['result']}")
+            receiver.should_stop = len(seen) == 3
+
+        receiver = app.events.Receiver(conn, handlers={"task-succeeded": succeeded})
+        receiver.queue(conn.default_channel).declare()  # bound now: the events below are kept for us
         for i in range(3):
             shop.add.delay(i, i)
-        deadline = time.monotonic() + 10
-        while len(seen) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        try:
+            receiver.capture(timeout=10)
+        except TimeoutError:
+            pass
     print("events:", *seen, sep="\n  ")
 
     later = shop.add.apply_async((1, 1), countdown=3600)

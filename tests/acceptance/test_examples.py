@@ -114,6 +114,6 @@ def test_remote_control_example(worker_env, start_worker):
     out = subprocess.run([sys.executable, "remote_control.py"], cwd=ROOT / "examples", env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "ping: {'w1@" in out.stdout and "consumes ['celery']" in out.stdout
+    assert "ping: [{'w1@" in out.stdout and "consumes ['celery']" in out.stdout
     assert out.stdout.count("succeeded -> ") == 3
     assert "job cancelled by 'celery remote control revoke from" in out.stdout and "result REVOKED" in out.stdout
