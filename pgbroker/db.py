@@ -267,6 +267,10 @@ class Listener:
             self.close_connection()
             raise DatabaseUnavailable(f"LISTEN connection to {self.db.safe_url} lost: {exc}") from exc
 
+    def pending(self) -> list[psycopg.Notify]:
+        """Without blocking, take the notifications received (wake-ups stay pending)."""
+        return self._notifies()
+
     def consume(self) -> list[psycopg.Notify]:
         """Without blocking, take the notifications received and empty the wake-up pipe."""
         self._drain_wake_pipe()

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import threading
-from queue import Empty
+from collections import deque
 from time import monotonic
 
 from kombu.serialization import loads
@@ -141,6 +141,8 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.engine = connection.engine
         self._no_ack_queues: set[str] = set()
+        #: The LISTEN channels of the queues this channel consumes.
+        self.notify_channels: set[str] = set()
         self._blocked = False  # the last drain found no prefetch room
 
     # -- publishing ----------------------------------------------------------------------------
@@ -279,18 +281,23 @@ class Channel(virtual.Channel):
         self.connection.owner()  # registered before the first claim
         if no_ack:
             self._no_ack_queues.add(queue)
-        self.connection.listener.listen([channel_name(self.engine.schema, queue)])
+        notify = channel_name(self.engine.schema, queue)
+        self.connection.listener.listen([notify])
+        self.notify_channels.add(notify)
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
         self.connection.consuming(queue, True)
-        self.connection.claim_due = True  # what the queue already holds was never notified to us
+        self.connection.mark_due(self)  # what the queue already holds was never notified to us
         return result
 
     def basic_cancel(self, consumer_tag):
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
+            self.connection.give_back(self, queue)
             self._no_ack_queues.discard(queue)
-            self.connection.listener.unlisten([channel_name(self.engine.schema, queue)])
+            notify = channel_name(self.engine.schema, queue)
+            self.notify_channels.discard(notify)
+            self.connection.listener.unlisten([notify])
             self.connection.consuming(queue, False)
         return result
 
@@ -313,28 +320,25 @@ class Channel(virtual.Channel):
             self.qos.append(message, message.delivery_tag)
         return message
 
-    def drain_events(self, timeout=None, callback=None):
-        """Claim as many jobs as the prefetch window allows, in one statement, and deliver them.
+    def claim_ready(self) -> list[tuple[dict, str]]:
+        """Claim as many jobs as the prefetch window allows, in one statement.
 
         Tells the connection whether another claim may find more at once: only when
         this one filled the window's room (otherwise the queues were drained, and the
-        next NOTIFY, freed prefetch room or polling timeout says when to look again).
+        next NOTIFY for one of them, freed prefetch room or the polling timeout says when
+        to look again).
         """
         if not self._consumers:
-            raise Empty()
+            return []
         self._blocked = True  # set first: an ack from another thread from now on wakes us
         if not self.qos.can_consume():
-            raise Empty()
+            return []
         self._blocked = False
         limit = self.qos.can_consume_max_estimate() or self.engine.db.options.batch_size
         deliveries = self._claim(self._active_queues, limit)
         if len(deliveries) >= limit:
-            self.connection.claim_due = True
-        if not deliveries:
-            raise Empty()
-        deliver = callback or self.connection._deliver
-        for payload, queue in deliveries:
-            deliver(payload, queue)
+            self.connection.mark_due(self)
+        return deliveries
 
     # -- acknowledgements ----------------------------------------------------------------------
 
@@ -406,8 +410,11 @@ class Transport(virtual.Transport):
         self._consumed: set[str] = set()
         self._waiting = False
         self._interrupted = False
-        #: Whether a claim may find something now (see drain_events).
+        #: Claimed and not yet delivered: (channel, message, queue), in delivery order.
+        self._ready: deque[tuple[Channel, dict, str]] = deque()
+        #: Whether every channel should claim now, or which ones (see drain_events).
         self.claim_due = True
+        self._due: set[Channel] = set()
 
     def as_uri(self, uri: str, include_password=False, mask="**") -> str:
         return uri if include_password else mask_url(uri, mask)
@@ -482,12 +489,16 @@ class Transport(virtual.Transport):
     # -- consuming -----------------------------------------------------------------------------
 
     def drain_events(self, connection, timeout=None):
-        """Deliver what can be claimed now, else block on LISTEN (never busy-poll).
+        """Deliver one message: claimed now in a batch (the rest delivered by the next
+        calls, without a query), else after blocking on LISTEN (never busy-poll).
 
         Wakes on a NOTIFY for a consumed queue, on an ack that frees prefetch room,
         or after ``polling_interval`` (the fallback for missed notifications), and
         claims only then or when the last claim filled its window: an idle worker
-        does no query between deliveries.
+        does no query between deliveries. A claim is delivered in one call to
+        acknowledging consumers, but one message per call to no-ack ones, as kombu's
+        callers expect (pidbox counts calls to collect a given number of replies, event
+        receivers to capture a given number of events).
         Raises ``socket.timeout`` after ``timeout`` seconds without a delivery.
         """
         deadline = None if timeout is None else monotonic() + timeout
@@ -496,17 +507,15 @@ class Transport(virtual.Transport):
         self._waiting = True
         try:
             while True:
-                if self.claim_due:
-                    self.claim_due = False  # a full claim sets it again
-                    channels = list(self.channels)
-                    for i, channel in enumerate(channels):
-                        try:
-                            channel.drain_events()
-                        except Empty:
-                            continue
-                        if i < len(channels) - 1:  # the channels after it have not looked yet
-                            self.claim_due = True
-                        return
+                if self._ready:
+                    self._deliver_ready()
+                    return
+                due = self._take_due()
+                if due:
+                    for channel in due:  # a full claim marks its channel due again
+                        self._ready.extend((channel, payload, queue) for payload, queue in channel.claim_ready())
+                    if self._ready:
+                        continue
                 if self._interrupted:
                     self._interrupted = False
                     raise socket.timeout()
@@ -515,7 +524,67 @@ class Transport(virtual.Transport):
                     wait = min(wait, deadline - monotonic())
                     if wait <= 0:
                         raise socket.timeout()
-                self.listener.wait(wait)
-                self.claim_due = True  # a notification, freed prefetch room or the polling timeout
+                notified = self.listener.wait(wait)
+                if notified:
+                    self._mark_notified(notified)
+                else:  # freed prefetch room or the polling timeout: every channel looks
+                    self.claim_due = True
         finally:
             self._waiting = False
+
+    def mark_due(self, channel: Channel) -> None:
+        """``channel`` may find something to claim now."""
+        self._due.add(channel)
+
+    def _mark_notified(self, notified) -> None:
+        names = {n.channel for n in notified}
+        for channel in self.channels:
+            if not names.isdisjoint(channel.notify_channels):
+                self._due.add(channel)
+
+    def _take_due(self) -> list:
+        """The channels to claim for now, in order; notifications that arrived meanwhile
+        (while other channels kept claiming) count too, so no channel starves."""
+        if not self.claim_due:
+            pending = self.listener.pending() if self._listener is not None else []
+            if pending:
+                self._mark_notified(pending)
+        if self.claim_due:
+            due = list(self.channels)
+        else:
+            due = [c for c in self.channels if c in self._due]
+        self.claim_due = False
+        self._due.clear()
+        return due
+
+    def _deliver_ready(self) -> None:
+        """Deliver the next claimed message; with it, the ones right behind it as long as
+        they go to acknowledging consumers (a Celery worker's task queues: a whole claim in
+        one call). A no-ack delivery (remote control, replies, events) is one call."""
+        first = self._ready.popleft()
+        self._deliver(first[1], first[2])
+        if self._no_ack(first):
+            return
+        while self._ready and not self._no_ack(self._ready[0]):
+            _, payload, queue = self._ready.popleft()
+            self._deliver(payload, queue)
+
+    @staticmethod
+    def _no_ack(item: tuple) -> bool:
+        channel, _, queue = item
+        return queue in channel._no_ack_queues
+
+    def give_back(self, channel: Channel, queue: str | None = None) -> None:
+        """Requeue what ``channel`` claimed (for ``queue``) but :meth:`drain_events` has
+        not delivered yet: its consumer is going away. No-ack deliveries are gone."""
+        keep: deque = deque()
+        for item in self._ready:
+            ch, payload, q = item
+            if ch is not channel or (queue is not None and q != queue):
+                keep.append(item)
+            elif not self._no_ack(item):
+                try:
+                    self.engine.requeue(*payload["properties"]["delivery_info"]["pgbroker_job"])
+                except Exception as exc:  # the rescuer takes them back when this connection is gone
+                    logger.warning("pgbroker: could not give back a claimed message: %s", exc)
+        self._ready = keep

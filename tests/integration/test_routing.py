@@ -144,3 +144,33 @@ def test_no_ack_consumer_never_gets_a_message_past_its_ttl(connection, sql, engi
              or not jobs(sql), timeout=5, what="the message to outlive its TTL")
     assert engine.take(["short-lived"], 10) == []
     assert jobs(sql) == []
+
+
+def test_no_ack_consumers_get_one_message_per_drain_and_acking_ones_the_claim(connection, sql):
+    queue = Queue("one-by-one", Exchange("obo"), routing_key="obo")
+    for i in range(3):
+        connection.Producer().publish({"n": i}, exchange=queue.exchange, routing_key="obo", declare=[queue])
+    got = []
+    with connection.Consumer(queue, callbacks=[lambda body, message: got.append(body)], no_ack=True):
+        connection.drain_events(timeout=5)
+        # One claim took all three; kombu callers (pidbox counting replies, event
+        # receivers counting events) get one per call.
+        assert got == [{"n": 0}]
+        connection.drain_events(timeout=5)
+        connection.drain_events(timeout=5)
+        assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert jobs(sql) == []
+
+
+def test_claimed_but_undelivered_messages_go_back_when_the_consumer_goes(connection, sql):
+    queue = Queue("taken", Exchange("tk"), routing_key="tk")
+    for i in range(3):
+        connection.Producer().publish({"n": i}, exchange=queue.exchange, routing_key="tk", declare=[queue])
+    consumer = connection.Consumer(queue, callbacks=[lambda body, message: None])
+    consumer.consume()
+    # What drain_events does before delivering: claim into the transport's buffer.
+    connection.transport._ready.extend((consumer.channel, p, q) for p, q in consumer.channel.claim_ready())
+    assert [r["state"] for r in jobs(sql)] == ["executing"] * 3
+    consumer.cancel()  # gone before they were delivered: they go back at once
+    assert [r["state"] for r in jobs(sql)] == ["available"] * 3
+    assert not connection.transport._ready

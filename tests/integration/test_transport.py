@@ -71,8 +71,11 @@ def test_claims_are_sized_by_prefetch(connection, sql):
     seen = []
     consumer = connection.Consumer(q, channel=channel, callbacks=[lambda b, m: seen.append(m)])
     consumer.consume()
-    connection.drain_events(timeout=5)
+    connection.drain_events(timeout=5)  # one claim of three, delivered in one call
     assert len(seen) == 3
+    assert [r["state"] for r in jobs(sql)].count("executing") == 3
+    with pytest.raises(TimeoutError):  # the window is full: nothing more is claimed
+        connection.drain_events(timeout=0.3)
     assert [r["state"] for r in jobs(sql)].count("executing") == 3
     channel.close()  # unacked deliveries are restored at once
     assert [r["state"] for r in jobs(sql)].count("available") == 10
