@@ -187,8 +187,9 @@ def scheduled(state, **kwargs):
     return held
 
 
-class WorkerHooks(bootsteps.Step):
-    """Consumer step: outcomes that only the worker's main process sees.
+class WorkerHooks(bootsteps.StartStopStep):
+    """Consumer step: outcomes that only the worker's main process sees, and the
+    :class:`PoolGate` of a prefork pool.
 
     * Success: the pool hands each result back to the main process, which
       records ``completed`` (batched with the acks) instead of every pool child
@@ -203,19 +204,30 @@ class WorkerHooks(bootsteps.Step):
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
-        gate = None
+        self.gate = None
         if c.pool is not None and getattr(c.pool, "uses_semaphore", False) and c.controller is not None \
                 and not c.controller.use_eventloop:
-            gate = PoolGate(c)
-            c.on_task_request = gate.process_task
+            self.gate = PoolGate(c)
+            c.on_task_request = self.gate.process_task
         if c.pool is not None:
-            c.pool.apply_async = _reporting_success(c.app, c.pool.apply_async, gate)
+            c.pool.apply_async = _reporting_success(c.app, c.pool.apply_async, self.gate)
         c.on_unknown_task = _tagging(c.on_unknown_task, lambda body, m, exc: f"unknown task: {exc!r}")
         c.on_invalid_task = _tagging(c.on_invalid_task, lambda body, m, exc: f"invalid task message: {exc!r}")
         c.on_unknown_message = _tagging(c.on_unknown_message, lambda body, m: "not a Celery task message")
         c.on_decode_error = _tagging(
             c.on_decode_error, lambda m, exc: f"undecodable message body ({m.content_type}): {exc!r}", first=0
         )
+
+    def start(self, c):
+        pass
+
+    def stop(self, c):
+        # The consumer stops (shutdown, or a restart after a lost connection): requests
+        # still waiting for a process were never acknowledged, and their channel gives
+        # them back; they must not be handed over afterwards (as Celery clears its
+        # event loop's semaphore).
+        if self.gate is not None:
+            self.gate.waiting.clear()
 
 
 class PoolGate:

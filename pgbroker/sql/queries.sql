@@ -59,15 +59,13 @@ WITH input AS (
                            headers, properties, body, content_type, content_encoding, ord)
 ), {store_jobs};
 
--- name: claim
--- Take up to %(limit)s deliverable jobs of the given queues for one consumer, in
--- delivery order, in one statement. Each queue is read through jobs_claim_idx in
--- order (the LATERAL keeps the planner on the index whatever the statistics say);
--- SKIP LOCKED lets concurrent consumers take disjoint batches; MATERIALIZED keeps
--- the planner from re-running the LIMITed subquery per row (which could update
--- more rows than asked for). The statement is its own transaction, and its commit
--- need not wait for the WAL flush (set_config(..., true) lasts for this transaction):
--- a claim lost in a server crash leaves its jobs available, delivered again later.
+-- fragment: pick_available
+-- The first %(limit)s deliverable jobs of the given queues, in delivery order, locked.
+-- Each queue is read through jobs_claim_idx in order (the LATERAL keeps the planner
+-- on the index whatever the statistics say); SKIP LOCKED lets concurrent consumers
+-- take disjoint batches; MATERIALIZED keeps the planner from re-running the LIMITed
+-- subquery per row (which could touch more rows than asked for). The transaction's
+-- commit need not wait for the WAL flush (set_config(..., true) lasts for it).
 WITH picked AS MATERIALIZED (
     SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
@@ -81,6 +79,12 @@ WITH picked AS MATERIALIZED (
     ORDER BY c.priority DESC, c.id
     LIMIT %(limit)s
 )
+
+-- name: claim
+-- Take up to %(limit)s deliverable jobs of the given queues for one consumer, in
+-- delivery order, in one statement (its own transaction): a claim lost in a server
+-- crash leaves its jobs available, delivered again later.
+{pick_available}
 UPDATE {schema}.jobs AS j
 SET state = 'executing', attempt = j.attempt + 1, attempted_at = now(),
     attempted_by = %(consumer)s, acked = false
@@ -342,19 +346,7 @@ SELECT current_database() AS database,
 -- the rows are deleted as they are delivered (at most once, as a broker does for
 -- no-ack consumers), so that this traffic leaves nothing behind. Messages older
 -- than their queue's x-message-ttl are deleted without being delivered (stale).
-WITH picked AS MATERIALIZED (
-    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
-    CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
-    CROSS JOIN LATERAL (
-        SELECT id, priority FROM {schema}.jobs
-        WHERE state = 'available' AND queue = q.name
-        ORDER BY priority DESC, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) c
-    ORDER BY c.priority DESC, c.id
-    LIMIT %(limit)s
-)
+{pick_available}
 DELETE FROM {schema}.jobs AS j USING picked
 WHERE j.id = picked.id
 RETURNING j.id, j.attempt + 1 AS attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
