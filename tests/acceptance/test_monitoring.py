@@ -216,3 +216,19 @@ def test_flower_lists_workers_and_follows_task_states(start_worker, celery_app, 
         os.killpg(flower.pid, signal.SIGTERM)
         flower.wait(10)
         log.close()
+
+
+def test_a_crashed_workers_remote_control_queue_is_swept(start_worker, celery_app, celery_cli, sql):
+    crashed = start_worker(name="w1", monitoring=True)
+    start_worker(name="w2", queues="other", monitoring=True)  # a live process runs the sweep
+    pidbox = f"{W1}.celery.pidbox"
+    assert sql("SELECT 1 FROM {schema}.queues WHERE name = %s", pidbox)
+    crashed.kill()  # SIGKILL: nothing cleans up after it
+    # Its consumer row dies after rescue_after, then the queue after control_queue_expires.
+    wait_for(lambda: not sql("SELECT 1 FROM {schema}.queues WHERE name = %s", pidbox)
+             and not sql("SELECT 1 FROM {schema}.bindings WHERE queue = %s", pidbox),
+             timeout=40, what="the dead worker's pidbox queue to be swept")
+    assert celery_cli.inspect("ping") == {W2: {"ok": "pong"}}
+    # Broadcasts now reach only live workers' queues: nothing piles up for the dead one.
+    celery_cli.inspect("ping")
+    assert not sql("SELECT 1 FROM {schema}.jobs WHERE queue = %s", pidbox)
