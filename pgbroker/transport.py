@@ -283,6 +283,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.add(queue)
         notify = channel_name(self.engine.schema, queue)
         self.connection.listener.listen([notify])
+        self.connection.listener.fds()  # LISTEN now, before the first claim: nothing is missed
         self.notify_channels.add(notify)
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
         self.connection.consuming(queue, True)

@@ -12,6 +12,7 @@ import time
 
 from kombu import Connection, Exchange, Queue
 
+from pgbroker.message import channel_name
 from tests.helpers import ROOT, wait_for
 
 from .test_transport import consume, jobs
@@ -174,3 +175,15 @@ def test_claimed_but_undelivered_messages_go_back_when_the_consumer_goes(connect
     consumer.cancel()  # gone before they were delivered: they go back at once
     assert [r["state"] for r in jobs(sql)] == ["available"] * 3
     assert not connection.transport._ready
+
+
+def test_a_consumer_listens_from_the_moment_it_consumes(connection, broker_url, transport_options):
+    """A message published right after basic_consume (a pidbox reply racing the first
+    claim) must be notified: the LISTEN is in place before the first claim."""
+    queue = Queue("listened", Exchange("ls"), routing_key="ls")
+    queue(connection.default_channel).declare()
+    with connection.Consumer(queue, callbacks=[lambda body, message: None], no_ack=True):
+        with Connection(broker_url, transport_options=transport_options) as other:
+            other.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key="ls")
+        notified = connection.transport.listener.pending()
+        assert [n.channel for n in notified] == [channel_name(transport_options["schema"], "listened")]
