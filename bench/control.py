@@ -161,7 +161,7 @@ def main() -> None:
     if args.minutes > 0:
         log(f"idle traffic: 4 workers, {args.minutes} min")
         samples = idle_traffic(args.minutes)
-        print(f"\n| pgbroker tables, 4 idle workers (rows / kB) | " + " | ".join(TABLES) + " |")
+        print("\n| pgbroker tables, 4 idle workers (rows / kB) | " + " | ".join(TABLES) + " |")
         print("|---|" + "---|" * len(TABLES))
         for at, sizes in samples[:: max(1, len(samples) // 6)] + [samples[-1]]:
             print(f"| after {at / 60:.1f} min | " + " | ".join(f"{r} / {s // 1024}" for r, s in sizes.values()) + " |")
