@@ -261,11 +261,8 @@ class JobEngine:
         """Cancel the not yet started jobs of these Celery task ids for good; returns
         the task ids cancelled. With ``running``, also record ``by`` on running jobs
         (their worker is asked to terminate them and reports the outcome)."""
-        with self.db.transaction() as conn:
-            done = [r["task_id"] for r in self.db.fetchall("jobs_cancel", conn, task_ids=list(task_ids), by=by)]
-            if running:
-                self.db.fetchall("jobs_mark_cancelling", conn, task_ids=list(task_ids), by=by)
-        return done
+        rows = self.db.fetchall("jobs_cancel", task_ids=list(task_ids), by=by, running=running)
+        return [r["task_id"] for r in rows if r["cancelled"]]
 
     def queue_exists(self, queue: str) -> bool:
         return self.db.fetchone("queue_exists", queue=queue)["found"]

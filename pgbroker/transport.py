@@ -25,7 +25,6 @@ import threading
 from collections import deque
 from time import monotonic
 
-from kombu.serialization import loads
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 
@@ -74,9 +73,15 @@ class Routes:
             cached = self._tables[exchange] = (monotonic(), self.engine.bindings(exchange))
         return cached[1]
 
-    def is_fresh(self, exchange: str) -> bool:
-        cached = self._tables.get(exchange)
-        return cached is not None and monotonic() - cached[0] < 0.001
+    def lookup(self, kind, exchange: str, routing_key: str) -> list[str]:
+        """The queues ``kind`` (a kombu exchange type) routes ``routing_key`` to; a miss
+        on a cached table is checked against the database (bound since we read it?)."""
+        entry = self._tables.get(exchange)
+        reused = entry is not None and monotonic() - entry[0] <= self.ttl
+        queues = kind.lookup(self.table(exchange), exchange, routing_key, None)
+        if not queues and reused:
+            queues = kind.lookup(self.table(exchange, fresh=True), exchange, routing_key, None)
+        return list(queues or [])
 
     def exchange_type(self, exchange: str) -> str | None:
         cached = self._types.get(exchange)
@@ -109,11 +114,8 @@ def routes_for(engine: JobEngine) -> Routes:
 def revoked_task_ids(channel: "Channel", message: dict) -> tuple[list[str], bool]:
     """(task ids, terminate) of a remote-control ``revoke`` or ``terminate`` broadcast,
     else ([], False)."""
-    props = message.get("properties") or {}
-    try:
-        body = channel.decode_body(message["body"], props.get("body_encoding"))
-        # Bytes this process serialised a moment ago: any content type it used is trusted.
-        payload = loads(body, message.get("content-type"), message.get("content-encoding"), accept=None)
+    try:  # bytes this process serialised a moment ago: any content type it used is trusted
+        payload = channel.Message(message, channel=channel).decode()
     except Exception as exc:
         logger.warning("pgbroker: could not read a remote-control message: %r", exc)
         return [], False
@@ -216,11 +218,7 @@ class Channel(virtual.Channel):
         default = default if default is not None else self.deadletter_queue
         if not exchange:
             return [routing_key or default]
-        kind = self.typeof(exchange)
-        queues = kind.lookup(self.routes.table(exchange), exchange, routing_key, None)
-        if not queues and not self.routes.is_fresh(exchange):  # bound since we cached the table?
-            queues = kind.lookup(self.routes.table(exchange, fresh=True), exchange, routing_key, None)
-        queues = list(queues or [])
+        queues = self.routes.lookup(self.typeof(exchange), exchange, routing_key)
         if not queues and default is not None:
             self._new_queue(default)
             queues = [default]
@@ -546,10 +544,8 @@ class Transport(virtual.Transport):
     def _take_due(self) -> list:
         """The channels to claim for now, in order; notifications that arrived meanwhile
         (while other channels kept claiming) count too, so no channel starves."""
-        if not self.claim_due:
-            pending = self.listener.pending() if self._listener is not None else []
-            if pending:
-                self._mark_notified(pending)
+        if self._due and not self.claim_due and self._listener is not None:
+            self._mark_notified(self.listener.pending())
         if self.claim_due:
             due = list(self.channels)
         else:

@@ -430,15 +430,16 @@ SELECT (SELECT count(*) FROM gone) AS queues, (SELECT count(*) FROM emptied) AS 
 -- name: jobs_cancel
 -- Cancel the jobs of these Celery task ids that have not started: a cancelled job
 -- is never delivered, whatever happens to the workers. Running jobs are left to
--- their worker (which reports a terminated task as cancelled); `by` says who asked.
-UPDATE {schema}.jobs SET state = 'cancelled', cancelled_at = now(), cancelled_by = %(by)s
-WHERE task_id = ANY(%(task_ids)s::text[]) AND state IN ('available', 'scheduled', 'retryable')
-RETURNING task_id;
-
--- name: jobs_mark_cancelling
--- Record who asked for running jobs to be terminated (their worker reports the outcome).
-UPDATE {schema}.jobs SET cancelled_by = %(by)s
-WHERE task_id = ANY(%(task_ids)s::text[]) AND state = 'executing';
+-- their worker (which reports a terminated task as cancelled); with %(running)s
+-- they only record `by`, who asked for them to be terminated. Returns the task ids
+-- cancelled here.
+UPDATE {schema}.jobs AS j SET
+    state = CASE WHEN j.state = 'executing' THEN j.state ELSE 'cancelled' END,
+    cancelled_at = CASE WHEN j.state = 'executing' THEN j.cancelled_at ELSE now() END,
+    cancelled_by = %(by)s
+WHERE j.task_id = ANY(%(task_ids)s::text[])
+  AND (j.state IN ('available', 'scheduled', 'retryable') OR (%(running)s AND j.state = 'executing'))
+RETURNING j.task_id, j.state = 'cancelled' AS cancelled;
 
 -- name: jobs_scheduled_listing
 -- The Celery tasks of the given queues waiting for their ETA, as one consuming
