@@ -185,5 +185,9 @@ def test_a_consumer_listens_from_the_moment_it_consumes(connection, broker_url, 
     with connection.Consumer(queue, callbacks=[lambda body, message: None], no_ack=True):
         with Connection(broker_url, transport_options=transport_options) as other:
             other.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key="ls")
-        notified = connection.transport.listener.pending()
+        # A NOTIFY reaches a listening session some time after the publisher's commit:
+        # wait for it with a bound (without the LISTEN it never comes).
+        notified = []
+        wait_for(lambda: notified.extend(connection.transport.listener.wait(0.5)) or notified,
+                 timeout=10, what="the publish's NOTIFY")
         assert [n.channel for n in notified] == [channel_name(transport_options["schema"], "listened")]
