@@ -134,10 +134,7 @@ def _notified(conn, timeout: float) -> int:
     """Notifications that arrive on ``conn`` within ``timeout`` seconds of the last one."""
     count = 0
     while select.select([conn.fileno()], [], [], timeout)[0]:
-        got = list(conn.notifies(timeout=0))
-        if not got:
-            break
-        count += len(got)
+        count += len(list(conn.notifies(timeout=0)))  # a partial packet reads as none: wait again
     return count
 
 
