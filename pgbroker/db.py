@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from . import enqueue as _enqueue
 from . import schema as _schema
-from .config import Options, mask_url
+from .config import Options, conninfo_from_url, mask_url
 from .errors import DatabaseUnavailable, SchemaNotReady
 from .sql import queries
 
@@ -197,6 +197,13 @@ class Database:
             for key, db in list(_registry.items()):
                 if db is self:
                     del _registry[key]
+
+
+def database_for(app, url: str | None = None) -> Database:
+    """The Database of a Celery app's pgbroker broker: its URL (or ``url``) and its
+    ``broker_transport_options`` (schema, pool, …)."""
+    options = Options.from_mapping(app.conf.broker_transport_options)
+    return Database.get(conninfo_from_url(url or app.connection_for_write().hostname), options)
 
 
 class Listener:

@@ -22,6 +22,11 @@ class InvalidName(ConfigurationError):
     """A queue, exchange or schema name that pgbroker refuses to store or route."""
 
 
+class InvalidSchedule(ConfigurationError):
+    """A beat entry or trigger that cannot fire: bad cron expression, unknown time zone,
+    unknown missed-fire policy, arguments that are not JSON, a filter that does not run."""
+
+
 class InvalidMessage(PgBrokerError, ValueError):
     """A message that cannot be stored: bad eta/expires header, unserialisable headers, …"""
 

@@ -32,8 +32,7 @@ from kombu import Connection
 from kombu.serialization import prepare_accept_content
 from kombu.transport import resolve_transport
 
-from .config import Options, conninfo_from_url
-from .db import Database
+from .db import database_for
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
 from .maintenance import maintainer_for
 from .transport import Channel, Transport
@@ -74,9 +73,7 @@ def _engine(app) -> JobEngine:
     key = (id(app), os.getpid())
     engine = _engines.get(key)
     if engine is None:
-        options = Options.from_mapping(app.conf.broker_transport_options)
-        url = app.connection_for_write().hostname
-        engine = _engines[key] = engine_for(Database.get(conninfo_from_url(url), options))
+        engine = _engines[key] = engine_for(database_for(app))
     return engine
 
 

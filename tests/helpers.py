@@ -28,21 +28,14 @@ def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float 
         time.sleep(interval)
 
 
-class Worker:
-    """A real ``celery worker`` subprocess in its own process group, cleaned up by pid."""
+class CeleryProcess:
+    """A real ``celery`` subprocess in its own process group, cleaned up by pid."""
 
-    def __init__(self, env: dict, app: str = "tests.apps.celeryapp", pool: str = "prefork",
-                 concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=(),
-                 overrides: dict | None = None, cwd: Path | None = None, monitoring: bool = False):
-        """``monitoring``: run with Celery's defaults (mingle, gossip, heartbeats) and task
-        events (``-E``); otherwise those are off, which keeps start-up fast."""
+    ready_line = " ready."
+
+    def __init__(self, env: dict, cmd: list[str], name: str, overrides: dict | None = None, cwd: Path | None = None):
         self.ready_file = Path(env["TEST_READY_DIR"]) / f"{name}.ready"
         self.ready_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
-               "-n", f"{name}@%h", "-l", "info", *extra]
-        cmd += ["-E"] if monitoring else ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-        if queues:
-            cmd += ["-Q", queues]
         self.log_path = Path(env["TEST_READY_DIR"]) / f"{name}.log"
         self.log = open(self.log_path, "wb")
         self.env = {**os.environ, **env, **(overrides or {}), "TEST_WORKER_NAME": name,
@@ -50,12 +43,12 @@ class Worker:
         self.proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
-    def wait_ready(self, timeout: float = 60.0) -> "Worker":
-        """Until the test app touches its ready file, or (other apps) the worker logs that it is ready."""
-        wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None or " ready." in self.output(),
-                 timeout, what="worker ready")
+    def wait_ready(self, timeout: float = 60.0) -> "CeleryProcess":
+        """Until the test app touches its ready file, or the process logs its ready line."""
+        wait_for(lambda: self.ready_file.exists() or self.proc.poll() is not None or self.ready_line in self.output(),
+                 timeout, what=f"{type(self).__name__.lower()} ready")
         if self.proc.poll() is not None:
-            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+            raise AssertionError(f"{self.proc.args[3:5]} exited with {self.proc.returncode}:\n{self.output()}")
         return self
 
     def output(self) -> str:
@@ -63,7 +56,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL the worker and its pool children (a crash: no shutdown code runs)."""
+        """SIGKILL the process and its children (a crash: no shutdown code runs)."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -80,6 +73,35 @@ class Worker:
                 pass
         self.kill()
         self.log.close()
+
+
+class Worker(CeleryProcess):
+    """A real ``celery worker``."""
+
+    def __init__(self, env: dict, app: str = "tests.apps.celeryapp", pool: str = "prefork",
+                 concurrency: int = 2, queues: str | None = None, name: str = "w1", extra=(),
+                 overrides: dict | None = None, cwd: Path | None = None, monitoring: bool = False):
+        """``monitoring``: run with Celery's defaults (mingle, gossip, heartbeats) and task
+        events (``-E``); otherwise those are off, which keeps start-up fast."""
+        cmd = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool, "-c", str(concurrency),
+               "-n", f"{name}@%h", "-l", "info", *extra]
+        cmd += ["-E"] if monitoring else ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+        if queues:
+            cmd += ["-Q", queues]
+        super().__init__(env, cmd, name, overrides, cwd)
+
+
+class Beat(CeleryProcess):
+    """A real ``celery beat`` with pgbroker's scheduler."""
+
+    ready_line = "configured entries synced"
+
+    def __init__(self, env: dict, app: str = "tests.apps.celeryapp", name: str = "b1",
+                 overrides: dict | None = None, cwd: Path | None = None):
+        pidfile = Path(env["TEST_READY_DIR"]) / f"{name}.pid"
+        cmd = [sys.executable, "-m", "celery", "-A", app, "beat", "-S", "pgbroker", "-l", "info",
+               "--pidfile", str(pidfile)]
+        super().__init__(env, cmd, name, overrides, cwd)
 
 
 class TcpProxy:

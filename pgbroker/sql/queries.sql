@@ -7,18 +7,29 @@
 -- The body shared by enqueue and enqueue_many, applied to a relation `input`.
 -- A Celery task id seen before is a retry: its row takes the new message instead
 -- of a second row being created, keeping attempt and errors (a cancelled job stays
--- cancelled). Rows deliverable now wake their queue's listeners; NOTIFY is
--- transactional, so a caller's rollback also takes the wake-up back.
+-- cancelled). A message with a `pgbroker_unique` header is not stored while another
+-- job with that key is incomplete (the unique index settles a concurrent race with
+-- an error); `pgbroker_meta` becomes the job's meta. Rows deliverable now wake their
+-- queue's listeners; NOTIFY is transactional, so a caller's rollback also takes the
+-- wake-up back.
 ins AS (
     INSERT INTO {schema}.jobs AS j (task_id, queue, task, state, priority, scheduled_at, expires_at,
-                                   headers, properties, body, content_type, content_encoding)
+                                   headers, properties, body, content_type, content_encoding,
+                                   unique_key, meta)
     SELECT task_id, queue, task,
            CASE WHEN scheduled_at > now() THEN
                 CASE WHEN retry THEN 'retryable' ELSE 'scheduled' END
                 ELSE 'available' END::{schema}.job_state,
            priority, greatest(coalesce(scheduled_at, now()), now()), expires_at,
-           headers, properties, body, content_type, content_encoding
-    FROM input ORDER BY ord
+           headers, properties, body, content_type, content_encoding,
+           headers->>'pgbroker_unique', coalesce(headers->'pgbroker_meta', '{}')
+    FROM input
+    WHERE headers->>'pgbroker_unique' IS NULL OR NOT EXISTS (
+        SELECT 1 FROM {schema}.jobs AS u
+        WHERE u.unique_key = input.headers->>'pgbroker_unique'
+          AND u.state IN ('available', 'scheduled', 'executing', 'retryable')
+          AND u.task_id IS DISTINCT FROM input.task_id)
+    ORDER BY ord
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
         queue = excluded.queue, task = excluded.task, state = excluded.state,
         priority = excluded.priority, scheduled_at = excluded.scheduled_at,
@@ -461,3 +472,142 @@ WHERE me.id = %(consumer)s AND j.state IN ('scheduled', 'retryable') AND j.task_
   AND j.id %% me.n = me.rank
 ORDER BY j.scheduled_at, j.id
 LIMIT %(limit)s;
+
+-- name: beat_entry_save
+-- Create or redefine a beat entry. A changed definition (task, schedule, arguments,
+-- options, policy) takes the caller's next fire and anchor; an unchanged one keeps its
+-- state, so syncing beat_schedule at every start changes nothing. `enabled` NULL
+-- keeps the stored flag (a synced entry someone disabled stays disabled).
+INSERT INTO {schema}.beat_entries AS e (name, task, schedule, args, kwargs, options, missed, max_missed,
+                                        catch_up_on_enable, enabled, source, trigger, anchor_at, next_fire_at)
+VALUES (%(entry)s, %(task)s, %(schedule)s, %(args)s, %(kwargs)s, %(options)s, %(missed)s, %(max_missed)s,
+        %(catch_up_on_enable)s, coalesce(%(enabled)s, true), %(source)s, %(trigger)s, %(anchor_at)s,
+        %(next_fire_at)s)
+ON CONFLICT (name) DO UPDATE SET
+    task = excluded.task, schedule = excluded.schedule, args = excluded.args, kwargs = excluded.kwargs,
+    options = excluded.options, missed = excluded.missed, max_missed = excluded.max_missed,
+    catch_up_on_enable = excluded.catch_up_on_enable, trigger = excluded.trigger,
+    enabled = coalesce(%(enabled)s, e.enabled), source = excluded.source,
+    anchor_at = CASE WHEN e.schedule = excluded.schedule THEN e.anchor_at ELSE excluded.anchor_at END,
+    next_fire_at = CASE WHEN e.schedule = excluded.schedule AND e.next_fire_at IS NOT NULL
+                        THEN e.next_fire_at ELSE excluded.next_fire_at END,
+    updated_at = now()
+WHERE (e.task, e.schedule, e.args, e.kwargs, e.options, e.missed, e.max_missed, e.catch_up_on_enable,
+       e.trigger, e.source, e.enabled)
+      IS DISTINCT FROM
+      (excluded.task, excluded.schedule, excluded.args, excluded.kwargs, excluded.options, excluded.missed,
+       excluded.max_missed, excluded.catch_up_on_enable, excluded.trigger, excluded.source,
+       coalesce(%(enabled)s, e.enabled))
+RETURNING name, pg_notify({schema}.notify_channel('pgbroker.beat'), name)
+
+-- name: beat_entries_list
+-- Every entry (or those named), with database time for "next in".
+SELECT e.*, now() AS db_now FROM {schema}.beat_entries AS e
+WHERE %(names)s::text[] IS NULL OR e.name = ANY(%(names)s::text[])
+ORDER BY e.name
+
+-- name: beat_config_prune
+-- Entries that came from beat_schedule and are no longer in it.
+DELETE FROM {schema}.beat_entries
+WHERE source = 'config' AND NOT (name = ANY(%(keep)s::text[]))
+RETURNING name
+
+-- name: beat_entry_remove
+WITH gone AS (DELETE FROM {schema}.beat_entries WHERE name = %(entry)s RETURNING name)
+SELECT name, pg_notify({schema}.notify_channel('pgbroker.beat'), name) FROM gone
+
+-- name: beat_entry_enable
+-- Enable or disable; `next_fire_at` is the caller's (NULL keeps it: catching up).
+UPDATE {schema}.beat_entries
+SET enabled = %(enabled)s, next_fire_at = coalesce(%(next_fire_at)s, next_fire_at), updated_at = now()
+WHERE name = %(entry)s
+RETURNING name, pg_notify({schema}.notify_channel('pgbroker.beat'), name)
+
+-- name: beat_entry_run_now
+-- Ask for one fire at the next tick of any beat (keyed by the time of the request).
+UPDATE {schema}.beat_entries SET run_requested_at = clock_timestamp(), updated_at = now()
+WHERE name = %(entry)s
+RETURNING name, run_requested_at, pg_notify({schema}.notify_channel('pgbroker.beat'), name)
+
+-- name: beat_next_due
+-- Seconds until the earliest fire, requested run or unfinished trigger scan (NULL: none).
+SELECT greatest(0, extract(epoch FROM min(due) - now()))::float8 AS seconds FROM (
+    SELECT min(next_fire_at) AS due FROM {schema}.beat_entries WHERE enabled
+    UNION ALL SELECT now() FROM {schema}.beat_entries WHERE run_requested_at IS NOT NULL
+    UNION ALL SELECT now() FROM {schema}.beat_fires WHERE NOT done
+) d
+
+-- name: beat_lock_due
+-- One entry that is due (or has a run requested), locked for this beat's transaction;
+-- another beat skips it and takes the next. Database time decides what is due.
+SELECT e.*, now() AS db_now FROM {schema}.beat_entries AS e
+WHERE ((e.enabled AND e.next_fire_at <= now()) OR e.run_requested_at IS NOT NULL)
+  AND NOT (e.name = ANY(%(skip)s::text[]))
+ORDER BY e.next_fire_at NULLS FIRST
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+
+-- name: beat_fire_record
+-- Record one fire; no row back means it was recorded before (the fire happened).
+INSERT INTO {schema}.beat_fires (entry, fire_at, fired_by, manual, done, cursor)
+VALUES (%(entry)s, %(fire_at)s, %(fired_by)s, %(manual)s, %(done)s, %(cursor)s)
+ON CONFLICT (entry, fire_at) DO NOTHING
+RETURNING fire_at
+
+-- name: beat_entry_error
+UPDATE {schema}.beat_entries SET last_error = %(error)s WHERE name = %(entry)s
+
+-- name: beat_fire_sent
+UPDATE {schema}.beat_fires SET task_id = %(task_id)s WHERE entry = %(entry)s AND fire_at = %(fire_at)s
+
+-- name: beat_entry_advance
+-- After an entry's fires: where it stands now.
+UPDATE {schema}.beat_entries
+SET next_fire_at = %(next_fire_at)s, last_fire_at = coalesce(%(last_fire_at)s, last_fire_at),
+    fires = fires + %(fired)s, last_error = NULL,
+    run_requested_at = CASE WHEN run_requested_at <= %(handled_request)s THEN NULL ELSE run_requested_at END
+WHERE name = %(entry)s
+
+-- name: beat_fire_lock_open
+-- An unfinished trigger scan, locked for one page (another beat takes another fire).
+SELECT f.entry, f.fire_at, f.cursor, f.enqueued, e.trigger, e.task, e.options, e.args, e.kwargs
+FROM {schema}.beat_fires AS f JOIN {schema}.beat_entries AS e ON e.name = f.entry
+WHERE NOT f.done
+ORDER BY f.fire_at
+LIMIT 1
+FOR UPDATE OF f SKIP LOCKED
+
+-- name: beat_fire_progress
+UPDATE {schema}.beat_fires
+SET cursor = %(cursor)s, enqueued = enqueued + %(enqueued)s, done = %(done)s
+WHERE entry = %(entry)s AND fire_at = %(fire_at)s
+
+-- name: beat_fire_orphans
+-- Unfinished scans whose entry was removed (the join above never sees them).
+UPDATE {schema}.beat_fires AS f SET done = true
+WHERE NOT f.done AND NOT EXISTS (SELECT 1 FROM {schema}.beat_entries e WHERE e.name = f.entry)
+
+-- name: beat_fires_of
+SELECT * FROM {schema}.beat_fires WHERE entry = %(entry)s ORDER BY fire_at DESC LIMIT %(limit)s
+
+-- name: trigger_rows_claim
+-- trigger_once: of these row keys, the ones never enqueued before (recorded now).
+INSERT INTO {schema}.trigger_rows (trigger, row_key)
+SELECT %(trigger)s, k FROM unnest(%(keys)s::text[]) AS k
+ON CONFLICT DO NOTHING
+RETURNING row_key
+
+-- fragment: trigger_matching
+-- The rows of a trigger's filter (the application's SELECT, run as written), by key.
+SELECT m.{key} AS key FROM ({filter}) AS m
+
+-- name: trigger_page
+-- The next page of a trigger's matching rows after the cursor (keyset pagination).
+{trigger_matching}
+WHERE %(first)s OR m.{key} > %(after)s
+ORDER BY m.{key}
+LIMIT %(limit)s
+
+-- name: trigger_matches
+-- Whether one row still matches its trigger's filter.
+SELECT EXISTS ({trigger_matching} WHERE m.{key} = %(key)s) AS matches

@@ -7,6 +7,7 @@ Task code is ordinary Celery code: nothing here knows about pgbroker.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -149,6 +150,45 @@ class Boom(Exception):
 @app.task
 def boom(message):
     raise Boom(message)
+
+
+# Beat: entries from the environment (JSON: name -> {task, schedule (seconds or the
+# JSON schedule form), missed, options, …}); the scheduler looks again every second.
+if os.environ.get("BEAT_SCHEDULE"):
+    app.conf.beat_schedule = json.loads(os.environ["BEAT_SCHEDULE"])
+app.conf.beat_max_loop_interval = float(os.environ.get("BEAT_MAX_INTERVAL", "1.0"))
+
+
+@app.task
+def periodic(label):
+    effect(f"periodic-{label}")
+
+
+# A trigger over an application table `items` (created by the tests that use it).
+if os.environ.get("TEST_TRIGGERS") == "1":
+    from pgbroker.beat import Trigger, TriggerTask
+
+    items_trigger = Trigger(
+        name="process_items", task="tests.apps.celeryapp.process_item",
+        schedule=float(os.environ.get("TRIGGER_EVERY", "1.0")),
+        query=f'SELECT id FROM "{SCHEMA}".items WHERE state = \'new\'',
+        queue="items", max_attempts=2, retry_backoff=0.1, on_error="tests.apps.celeryapp.item_failed",
+        trigger_once=os.environ.get("TRIGGER_ONCE") == "1", page_size=int(os.environ.get("TRIGGER_PAGE", "1000")),
+    )
+
+    @app.task(base=TriggerTask, trigger=items_trigger)
+    def process_item(item_id):
+        with _db() as conn:
+            (fail,) = conn.execute(f'SELECT fail FROM "{SCHEMA}".items WHERE id = %s', (item_id,)).fetchone()
+            if fail:
+                effect(f"item-{item_id}", "attempt")
+                raise Boom(f"item {item_id} fails")
+            conn.execute(f'UPDATE "{SCHEMA}".items SET state = \'done\' WHERE id = %s', (item_id,))
+        effect(f"item-{item_id}")
+
+    @app.task
+    def item_failed(item_id, trigger, error):
+        effect(f"item-{item_id}", f"on_error {trigger}: {error}")
 
 
 @signals.worker_ready.connect
