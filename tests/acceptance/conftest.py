@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import Worker
+from tests.helpers import Beat, Worker
 
 
 @pytest.fixture
@@ -32,6 +32,21 @@ def start_worker(worker_env):
     yield start
     for w in started:
         w.stop()
+
+
+@pytest.fixture
+def start_beat(worker_env):
+    """Start real `celery beat -S pgbroker` processes; every one is stopped (or killed) afterwards."""
+    started: list[Beat] = []
+
+    def start(**kwargs) -> Beat:
+        b = Beat(worker_env, **kwargs)
+        started.append(b)
+        return b.wait_ready()
+
+    yield start
+    for b in started:
+        b.stop()
 
 
 @pytest.fixture
