@@ -6,7 +6,9 @@ countdown, retrying and failing tasks plus one for an unknown task, and two
 published inside a database transaction (one committed, one rolled back), shows
 their job rows live in a table, runs a chord and a ``delay().get()`` through the
 Postgres result backend, asks the worker over remote control (ping, the schedule)
-and revokes a scheduled task for good, then stops the worker and exits.
+and revokes a scheduled task for good. Two `celery beat -S pgbroker` processes run
+beside it: every periodic fire happens once, and an entry added and fired at run
+time reaches the worker. Then it stops them all and exits.
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ def run(url: str) -> int:
          "-n", "demo@%h"],
         cwd=HERE, env=env, start_new_session=True,
     )
+    beats = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "shop", "beat", "-S", "pgbroker", "-l", "warning",
+                               "--pidfile", ""], cwd=HERE, env=env, start_new_session=True) for _ in range(2)]
     try:
         labels = {
             shop.add.delay(2, 3).id: "plain task",
@@ -115,17 +119,20 @@ def run(url: str) -> int:
         console.print(f"[bold]rolled back[/]: the task published in the rolled-back transaction left {left} job rows.")
         show_results(shop, conninfo)
         show_remote_control(shop, conninfo)
+        show_beat(shop, conninfo)
         from pgbroker.maintenance import shutdown
 
         shutdown(shop.app.backend.db)  # before the embedded server stops
         return 0
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        for proc in (worker, *beats):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (worker, *beats):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def in_transaction(shop, conninfo: str) -> tuple[str, str]:
@@ -181,6 +188,35 @@ def show_remote_control(shop, conninfo: str) -> None:
                                  (later.id,)).fetchone()
     console.print(f"[bold]revoke()[/] -> job [{COLORS[state]}]{state}[/] by {by!r}; result state {later.state}: "
                   "it will never run, even if every worker restarts.")
+
+
+def show_beat(shop, conninfo: str) -> None:
+    """Two beats, one schedule in Postgres: each fire once; an entry added and run at run time."""
+    from pgbroker.beat import BeatEntries, cron
+
+    entries = BeatEntries.of(shop.app)
+    entries.add("report", "shop.add", cron("0 7 * * mon-fri", tz="Europe/Paris"), args=[40, 2])
+    entries.run_now("report")
+    query = (f"SELECT e.name, count(f.*) AS fires, count(DISTINCT j.meta->>'fire_at') AS jobs, "
+             f"count(*) FILTER (WHERE j.state = 'completed') AS completed, e.next_fire_at "
+             f"FROM {SCHEMA}.beat_entries e JOIN {SCHEMA}.beat_fires f ON f.entry = e.name "
+             f"LEFT JOIN {SCHEMA}.jobs j ON j.task_id = f.task_id "
+             f"WHERE e.name IN ('roll-dice', 'report') GROUP BY e.name, e.next_fire_at ORDER BY e.name")
+    deadline = time.monotonic() + 30
+    with psycopg.connect(conninfo, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+        while True:
+            rows = conn.execute(query).fetchall()
+            done = {r["name"]: r for r in rows if r["completed"] == r["fires"] > 0}
+            if ("report" in done and done.get("roll-dice", {}).get("fires", 0) >= 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    t = Table(title="celery beat -S pgbroker (two beat processes)")
+    for column in ("entry", "fires", "jobs", "completed", "next fire"):
+        t.add_column(column)
+    for r in rows:
+        t.add_row(r["name"], str(r["fires"]), str(r["jobs"]), str(r["completed"]), f"{r['next_fire_at']:%Y-%m-%d %H:%M:%S}")
+    console.print(t)
+    console.print("Each fire is one row in beat_fires and one job: two beats, no duplicate.")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Run a worker:   BROKER_URL=pgbroker://user:pass@host/db celery -A shop worker
 Send tasks:     python -c "import shop; print(shop.add.delay(2, 3).get(timeout=10))"
 A chord:        python -c "import shop; print(shop.checkout(['tea', 'cake']).get(timeout=10))"
+Beat:           BROKER_URL=… celery -A shop beat -S pgbroker
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ app.conf.update(
     task_acks_late=True,              # at-least-once: a crash mid-task redelivers it
     task_reject_on_worker_lost=True,
     broker_transport_options={"schema": os.environ.get("PGBROKER_SCHEMA", "pgbroker")},
+    # `celery -A shop beat -S pgbroker` keeps this schedule in Postgres (any number of beats).
+    beat_schedule={"roll-dice": {"task": "shop.roll", "schedule": 2.0}},
+    beat_max_loop_interval=1.0,
 )
 
 

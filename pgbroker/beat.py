@@ -592,7 +592,8 @@ class Scheduler(beat.Scheduler):
 
     @property
     def info(self):
-        return f"    . db -> {self.db.safe_url if self.db else '?'} (schema {self.db.options.schema if self.db else '?'})"
+        db = self.db or database_for(self.app, self.app.conf.get("pgbroker_beat_url"))  # connects nothing
+        return f"    . db -> {db.safe_url} (schema {db.options.schema})"
 
     def tick(self, *args, **kwargs) -> float:
         """Wait until something is due (or a change is notified), fire what is due, and

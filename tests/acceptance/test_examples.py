@@ -21,6 +21,7 @@ def test_demo_runs_to_completion(database_url):
     assert "-> 1050 cents" in out.stdout and "add.delay(20, 22).get() -> 42" in out.stdout
     assert "{'demo@" in out.stdout and "waiting in Postgres: True" in out.stdout
     assert "cancelled" in out.stdout and "result state REVOKED" in out.stdout
+    assert "two beats, no duplicate" in out.stdout and "│ report    │ 1     │ 1    │ 1 " in out.stdout
 
 
 def _example_env(database_url: str, schema: str, sql, tmp_path) -> dict:
@@ -117,3 +118,13 @@ def test_remote_control_example(worker_env, start_worker):
     assert "ping: [{'w1@" in out.stdout and "consumes ['celery']" in out.stdout
     assert out.stdout.count("succeeded -> ") == 3
     assert "job cancelled by 'celery remote control revoke from" in out.stdout and "result REVOKED" in out.stdout
+
+
+def test_beat_schedules_example(worker_env):
+    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "beat_schedules.py"], cwd=ROOT / "examples", env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "20 paid orders shipped by trigger ship-paid-orders" in out.stdout
+    assert "nightly-cleanup    cron 30 2 * * * (Europe/Paris)     enabled=True fires=1" in out.stdout
+    assert "tick               every 0:00:02                      enabled=False" in out.stdout
