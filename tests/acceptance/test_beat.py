@@ -138,3 +138,14 @@ def test_the_command_line_edits_what_a_running_beat_fires(start_beat, database_u
     assert pgbroker_cli(database_url, schema, "rm", "cli-entry").returncode == 0
     missing = pgbroker_cli(database_url, schema, "rm", "cli-entry")
     assert missing.returncode == 1 and "no beat entry named 'cli-entry'" in missing.stderr
+
+
+def test_a_beat_refuses_to_start_on_an_invalid_schedule(worker_env):
+    from tests.helpers import Beat
+
+    beat = Beat(worker_env, overrides=schedule_env(bad={"task": PERIODIC, "schedule": {"cron": "0 25 * * *"}}))
+    try:
+        assert beat.proc.wait(60) != 0
+        assert "invalid cron expression '0 25 * * *'" in beat.output()
+    finally:
+        beat.stop()

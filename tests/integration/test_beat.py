@@ -218,3 +218,39 @@ def test_unknown_entries_raise_key_error(app):
     for call in (store.enable, store.disable, store.remove, store.run_now):
         with pytest.raises(KeyError):
             call("nope")
+
+
+def test_a_trigger_from_a_sqlalchemy_select_enqueues_matching_rows_once(scheduler, sql, app):
+    import sqlalchemy as sa
+
+    from pgbroker.beat import Trigger
+
+    sql("CREATE TABLE {schema}.orders (id int PRIMARY KEY, state text NOT NULL)")
+    sql("INSERT INTO {schema}.orders SELECT g, CASE WHEN g % 3 = 0 THEN 'new' ELSE 'paid' END "
+        "FROM generate_series(1, 30) g")
+    orders = sa.table("orders", sa.column("id"), sa.column("state"), schema=app.conf.broker_transport_options["schema"])
+    trigger = Trigger("ship", task=TASK, schedule=every(60), query=sa.select(orders.c.id).where(orders.c.state == "paid"),
+                      page_size=7, queue="shipping")
+    s = scheduler()
+    s.store.add_trigger(trigger)
+    assert s.run_pending() == 0  # not due yet
+    s.store.run_now("ship")
+    s.run_pending()
+    jobs = sql("SELECT queue, meta->>'row' AS row FROM {schema}.jobs ORDER BY (meta->>'row')::int")
+    assert [int(j["row"]) for j in jobs] == [i for i in range(1, 31) if i % 3] and {j["queue"] for j in jobs} == {"shipping"}
+    [fire] = sql("SELECT done, enqueued FROM {schema}.beat_fires WHERE entry = 'ship'")
+    assert fire == {"done": True, "enqueued": 20}
+    s.store.run_now("ship")  # again while the jobs are incomplete: nothing new
+    s.run_pending()
+    assert sql("SELECT count(*) AS n FROM {schema}.jobs")[0]["n"] == 20
+    assert trigger.matches(app, 1) and not trigger.matches(app, 3)
+
+
+def test_a_trigger_whose_query_does_not_run_is_refused(app):
+    from pgbroker.beat import Trigger
+
+    broken = Trigger("broken", task=TASK, schedule=every(60), query="SELECT id FROM no_such_table")
+    with pytest.raises(InvalidSchedule, match="its query does not run.*no_such_table"):
+        BeatEntries.of(app).add_trigger(broken)
+    with pytest.raises(InvalidSchedule, match="plain column name"):
+        Trigger("bad-key", task=TASK, schedule=every(60), query="SELECT 1", key="id; DROP TABLE x")
