@@ -624,12 +624,13 @@ class Scheduler(beat.Scheduler):
 
     def run_pending(self) -> int:
         """Fire every due entry and finish open trigger scans; returns fires recorded here."""
-        fired, failed = 0, []
+        fired, handled = 0, []  # each entry at most once per call, even if it is due again at once
         while True:
             with self.db.transaction() as conn:
-                row = self.db.fetchone("beat_lock_due", conn, skip=failed)
+                row = self.db.fetchone("beat_lock_due", conn, skip=handled)
                 if row is None:
                     break
+                handled.append(row["name"])
                 try:
                     with conn.transaction():
                         fired += self._fire(conn, row)
@@ -637,7 +638,6 @@ class Scheduler(beat.Scheduler):
                     logger.error("pgbroker beat: entry %s could not fire (tried again next tick): %s",
                                  row["name"], exc, exc_info=not isinstance(exc, psycopg.Error))
                     self.db.fetchall("beat_entry_error", conn, entry=row["name"], error=f"{type(exc).__name__}: {exc}")
-                    failed.append(row["name"])
         self.db.fetchall("beat_fire_orphans")
         attempts = 0
         while attempts < 100 and self._scan_page():

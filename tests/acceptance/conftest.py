@@ -18,35 +18,31 @@ def worker_env(broker_url, database_url, schema, sql, engine, tmp_path):
     }
 
 
-@pytest.fixture
-def start_worker(worker_env):
-    """Start real `celery worker` processes; every one is stopped (or killed) afterwards."""
-    started: list[Worker] = []
+def _starter(kind, env):
+    """``start(**kwargs)`` starting ``kind`` processes (``overrides={...}``: environment
+    variables for that one only); every one is stopped (or killed) at the end."""
+    started = []
 
-    def start(**kwargs) -> Worker:
-        """``overrides={...}`` sets environment variables for this worker only."""
-        w = Worker(worker_env, **kwargs)
-        started.append(w)
-        return w.wait_ready()
+    def start(**kwargs):
+        process = kind(env, **kwargs)
+        started.append(process)
+        return process.wait_ready()
 
     yield start
-    for w in started:
-        w.stop()
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def start_worker(worker_env):
+    """Start real `celery worker` processes."""
+    yield from _starter(Worker, worker_env)
 
 
 @pytest.fixture
 def start_beat(worker_env):
-    """Start real `celery beat -S pgbroker` processes; every one is stopped (or killed) afterwards."""
-    started: list[Beat] = []
-
-    def start(**kwargs) -> Beat:
-        b = Beat(worker_env, **kwargs)
-        started.append(b)
-        return b.wait_ready()
-
-    yield start
-    for b in started:
-        b.stop()
+    """Start real `celery beat -S pgbroker` processes."""
+    yield from _starter(Beat, worker_env)
 
 
 @pytest.fixture
