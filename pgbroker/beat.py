@@ -40,6 +40,7 @@ from .engine import engine_for
 from .enqueue import atomic
 from .errors import InvalidSchedule
 from .message import channel_name
+from .unique import DEFAULT_STATES
 
 __all__ = ["Schedule", "every", "cron", "at", "Entry", "BeatEntries", "Scheduler", "Trigger", "TriggerTask",
            "MISSED_POLICIES"]
@@ -756,7 +757,7 @@ class Scheduler(beat.Scheduler):
         message = amqp.create_task_message(task_id, fire["task"], [key], {}, origin=self.who)
         headers = dict(message.headers)
         headers.update(
-            pgbroker_unique=f"trigger:{fire['entry']}:{key}",
+            pgbroker_unique={"key": f"trigger:{fire['entry']}:{key}", "states": list(DEFAULT_STATES), "period": None},
             pgbroker_meta={"trigger": fire["entry"], "row": key, "fire_at": fire["fire_at"].isoformat()},
         )
         content_type, content_encoding, body = serialize(message.body, serializer=self.app.conf.task_serializer)

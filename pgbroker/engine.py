@@ -23,6 +23,7 @@ import psycopg
 
 from .db import Database
 from .errors import DatabaseUnavailable
+from . import unique as _unique
 from .message import Row, from_row, to_row
 from .types import Job
 
@@ -82,15 +83,20 @@ class JobEngine:
         With ``conn``, or inside ``pgbroker.atomic()``, the row is written on the
         caller's connection and so belongs to the caller's transaction (and so does
         its NOTIFY). None when the write waits for the end of an async ``atomic()``
-        block or for the caller's commit.
+        block or for the caller's commit. A unique job whose key is held returns the
+        holder's id (see :mod:`pgbroker.unique`).
         """
-        row = self.db.fetchone("enqueue", conn, **vars(to_row(queue, message, self.db.options.max_message_size)))
-        return row["id"] if row else None
+        row = to_row(queue, message, self.db.options.max_message_size)
+        if row.unique_key is not None and not row.retry:
+            return self._store_unique([row], conn)[0][0]
+        stored = self.db.fetchone("enqueue", conn, **_single(_not_unique(row)))
+        return stored["id"] if stored else None
 
     def enqueue_many(
         self, items: Sequence[tuple[str, dict]], conn: psycopg.Connection | None = None, copies: bool = False
     ) -> list[int]:
-        """Store many messages in one statement; returns their job ids in order.
+        """Store many messages in one statement; returns the ids of the rows stored (a unique
+        job whose key is held stores none; unique jobs cost two more statements).
 
         A Celery task id that appears twice in one call keeps only the last message,
         unless ``copies`` (then no row carries its task id).
@@ -100,17 +106,30 @@ class JobEngine:
         for i, (queue, message) in enumerate(items):
             row = to_row(queue, message, limit)
             if copies:
-                row = replace(row, task_id=None)
+                row = _not_unique(replace(row, task_id=None))
             rows[row.task_id if row.task_id is not None else ("anon", i)] = row
-        columns = {f.name: [getattr(r, f.name) for r in rows.values()] for f in fields(Row)}
-        params = {
-            "task_ids": columns["task_id"], "queues": columns["queue"], "tasks": columns["task"],
-            "priorities": columns["priority"], "scheduled": columns["scheduled_at"],
-            "expires": columns["expires_at"], "retries": columns["retry"], "headers": columns["headers"],
-            "properties": columns["properties"], "bodies": columns["body"],
-            "content_types": columns["content_type"], "content_encodings": columns["content_encoding"],
-        }
-        return [r["id"] for r in self.db.fetchall("enqueue_many", conn, **params)]
+        unique = [r for r in rows.values() if r.unique_key is not None and not r.retry]
+        plain = [_not_unique(r) for r in rows.values() if r.unique_key is None or r.retry]
+        ids = [r["id"] for r in self.db.fetchall("enqueue_many", conn, **_arrays(plain))] if plain else []
+        return ids + [i for i, new in self._store_unique(unique, conn) if new] if unique else ids
+
+    def _store_unique(self, rows: list[Row], conn: psycopg.Connection | None) -> list[tuple[int | None, bool]]:
+        """Store unique jobs; a held key stores nothing and records the holder as what
+        the publish became (:func:`pgbroker.unique.duplicate_of`). (job id, stored by
+        this call) in ``rows`` order; the id is None when the write was deferred."""
+        keys = list(dict.fromkeys(r.unique_key for r in rows))
+        self.db.fetchall("unique_release", conn, keys=keys)
+        stored = {r["task_id"]: r["id"] for r in self.db.fetchall("enqueue_unique", conn, **_arrays(rows))}
+        held = [r for r in rows if r.task_id not in stored]
+        held_ids = {r.task_id for r in held}
+        if held:
+            holders = {h["unique_key"]: h for h in self.db.fetchall("unique_holders", conn, keys=keys)}
+            for r in held:
+                holder = holders.get(r.unique_key)
+                if holder is not None:
+                    _unique.record_duplicate(r.task_id, holder["task_id"])
+                    stored[r.task_id] = holder["id"]
+        return [(stored.get(r.task_id), r.task_id not in held_ids) for r in rows]
 
     def enqueue_copies(self, queues: Sequence[str], message: dict) -> list[int]:
         """Store a copy of one message for each of ``queues`` (a routed publish that
@@ -121,7 +140,7 @@ class JobEngine:
         """Store a copy of ``message`` for every queue bound to ``exchange`` in the
         database (whichever process bound it); returns how many copies."""
         row = to_row(exchange, message, self.db.options.max_message_size)
-        params = {k: v for k, v in vars(row).items() if k not in ("task_id", "queue", "retry")}
+        params = {k: v for k, v in vars(row).items() if k not in ("task_id", "queue", "retry", "unique_key")}
         return len(self.db.fetchall("enqueue_fanout", exchange=exchange, **params))
 
     # -- consuming -----------------------------------------------------------------------------
@@ -381,6 +400,33 @@ class Settler:
                 self._pending -= len(batch)
                 if not self._pending:
                     self._idle.notify_all()
+
+
+def _not_unique(row: Row) -> Row:
+    """``row`` stored the plain way: a retry keeps its job's key (the row is updated),
+    and a copy or a retry whose job is gone takes none."""
+    if row.unique_key is None:
+        return row
+    headers = json.loads(row.headers)
+    headers.pop("pgbroker_unique", None)
+    return replace(row, unique_key=None, headers=json.dumps(headers))
+
+
+def _single(row: Row) -> dict:
+    """The parameters of ``enqueue`` for one row."""
+    return {k: v for k, v in vars(row).items() if k != "unique_key"}
+
+
+def _arrays(rows: Sequence[Row]) -> dict:
+    """The parallel-array parameters of ``enqueue_many``/``enqueue_unique``."""
+    columns = {f.name: [getattr(r, f.name) for r in rows] for f in fields(Row)}
+    return {
+        "task_ids": columns["task_id"], "queues": columns["queue"], "tasks": columns["task"],
+        "priorities": columns["priority"], "scheduled": columns["scheduled_at"],
+        "expires": columns["expires_at"], "retries": columns["retry"], "headers": columns["headers"],
+        "properties": columns["properties"], "bodies": columns["body"],
+        "content_types": columns["content_type"], "content_encodings": columns["content_encoding"],
+    }
 
 
 def _seconds(arguments: dict, name: str) -> float | None:

@@ -27,6 +27,10 @@ class InvalidSchedule(ConfigurationError):
     unknown missed-fire policy, arguments that are not JSON, a filter that does not run."""
 
 
+class InvalidUnique(ConfigurationError):
+    """A ``unique`` spec pgbroker cannot apply (unknown field or state, bad period)."""
+
+
 class InvalidMessage(PgBrokerError, ValueError):
     """A message that cannot be stored: bad eta/expires header, unserialisable headers, …"""
 

@@ -17,7 +17,7 @@ from typing import Any
 from kombu.utils.json import dumps, loads
 
 from .config import validate_name
-from .errors import InvalidMessage, MessageTooLarge
+from .errors import InvalidMessage, InvalidUnique, MessageTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Row:
     body: str
     content_type: str | None
     content_encoding: str | None
+    #: the key of a unique job (``pgbroker_unique`` header), None for others
+    unique_key: str | None = None
 
 
 def _when(value: Any, name: str) -> datetime | None:
@@ -116,6 +118,11 @@ def to_row(queue: str, message: dict, max_size: int) -> Row:
         raise InvalidMessage("message headers/properties contain a NUL character")
     task_id = headers.get("id")
     task = headers.get("task")
+    unique = headers.get("pgbroker_unique")
+    if isinstance(unique, dict) and "invalid" in unique:
+        raise InvalidUnique(unique["invalid"])
+    if unique is not None and not (isinstance(unique, dict) and isinstance(unique.get("key"), str)):
+        raise InvalidMessage(f"header pgbroker_unique must be an object with a string key, got {unique!r}")
     return Row(
         task_id=str(task_id) if task_id is not None and task else None,
         queue=queue,
@@ -129,6 +136,7 @@ def to_row(queue: str, message: dict, max_size: int) -> Row:
         body=body,
         content_type=message.get("content-type"),
         content_encoding=message.get("content-encoding"),
+        unique_key=unique["key"] if unique else None,
     )
 
 

@@ -30,6 +30,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from .config import Options, conninfo_from_url, mask_url, validate_name
 from .db import Database, Listener
+from . import unique as _unique
 from .engine import JobEngine, Outcome, engine_for, error_entry
 from .errors import CONNECTION_ERRORS
 from .maintenance import maintainer_for
@@ -399,6 +400,7 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs):
         self.options = Options.from_mapping(client.transport_options)
         client.transport_options.setdefault("polling_interval", self.options.polling_interval)
+        _unique.install()  # apply_async(unique=...) and @app.task(unique=...)
         super().__init__(client, **kwargs)
         self.database = Database.get(conninfo_from_url(client.hostname), self.options)
         self.engine = engine_for(self.database)

@@ -50,11 +50,17 @@ CREATE TABLE {schema}.beat_fires (
 );
 CREATE INDEX beat_fires_open_idx ON {schema}.beat_fires (entry) WHERE NOT done;
 
--- Unique jobs: while a job with a unique key is incomplete, another with the same key
--- is not stored (the `pgbroker_unique` message header). `meta` takes `pgbroker_meta`.
-ALTER TABLE {schema}.jobs ADD COLUMN unique_key text;
-CREATE UNIQUE INDEX jobs_unique_key ON {schema}.jobs (unique_key)
-    WHERE unique_key IS NOT NULL AND state IN ('available', 'scheduled', 'executing', 'retryable');
+-- Unique jobs: a job published with a `pgbroker_unique` header ({"key", "states",
+-- "period"}) holds its key while its state is one of `unique_states` and, with a
+-- period, until `unique_until`. The index is the constraint: a second publish of a
+-- held key is not stored (ON CONFLICT DO NOTHING). A key whose holder left those
+-- states or outlived its period is released by the next publish of that key.
+-- `meta` takes the `pgbroker_meta` header.
+ALTER TABLE {schema}.jobs
+    ADD COLUMN unique_key    text,
+    ADD COLUMN unique_states {schema}.job_state[],
+    ADD COLUMN unique_until  timestamptz;
+CREATE UNIQUE INDEX jobs_unique_key ON {schema}.jobs (unique_key) WHERE unique_key IS NOT NULL;
 
 -- Rows a `trigger_once` trigger has enqueued a job for, ever.
 CREATE TABLE {schema}.trigger_rows (

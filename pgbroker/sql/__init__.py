@@ -18,11 +18,13 @@ def _raw() -> dict[str, str]:
     for kind, name, body in zip(parts[1::3], parts[2::3], parts[3::3]):
         lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
         (queries if kind == "name" else fragments)[name] = "\n".join(lines).strip().rstrip(";")
-    for name, sql in queries.items():
+    def expand(sql: str) -> str:  # fragments may use fragments
         for fragment, text in fragments.items():
-            sql = sql.replace("{%s}" % fragment, text)
-        queries[name] = sql
-    return queries
+            if "{%s}" % fragment in sql:
+                sql = sql.replace("{%s}" % fragment, expand(text))
+        return sql
+
+    return {name: expand(sql) for name, sql in queries.items()}
 
 
 @cache

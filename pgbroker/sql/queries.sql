@@ -3,33 +3,42 @@
 -- "-- fragment: <name>" defines text that queries include as {<name>}.
 -- {schema} is the validated, quoted schema; parameters are psycopg's %(name)s, never spliced.
 
+-- fragment: insert_jobs
+-- The INSERT shared by every way of storing messages, from a relation `input`
+-- (its ON CONFLICT clause and RETURNING follow where it is used). Unique jobs take
+-- their key, states and period from the `pgbroker_unique` header; `pgbroker_meta`
+-- becomes the job's meta.
+INSERT INTO {schema}.jobs AS j (task_id, queue, task, state, priority, scheduled_at, expires_at,
+                               headers, properties, body, content_type, content_encoding,
+                               unique_key, unique_states, unique_until, meta)
+SELECT task_id, queue, task,
+       CASE WHEN scheduled_at > now() THEN
+            CASE WHEN retry THEN 'retryable' ELSE 'scheduled' END
+            ELSE 'available' END::{schema}.job_state,
+       priority, greatest(coalesce(scheduled_at, now()), now()), expires_at,
+       headers, properties, body, content_type, content_encoding,
+       headers->'pgbroker_unique'->>'key',
+       ARRAY(SELECT jsonb_array_elements_text(headers->'pgbroker_unique'->'states'))::{schema}.job_state[],
+       now() + make_interval(secs => (headers->'pgbroker_unique'->>'period')::float8),
+       coalesce(headers->'pgbroker_meta', '{}')
+FROM input ORDER BY ord
+
+-- fragment: wake_inserted
+-- After `ins`: rows deliverable now wake their queue's listeners. NOTIFY is
+-- transactional, so a caller's rollback also takes the wake-up back.
+woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (
+        SELECT DISTINCT queue FROM ins WHERE state = 'available'
+    ) q
+)
+SELECT ins.id, ins.task_id FROM ins, (SELECT count(*) FROM woke) w
+
 -- fragment: store_jobs
--- The body shared by enqueue and enqueue_many, applied to a relation `input`.
 -- A Celery task id seen before is a retry: its row takes the new message instead
--- of a second row being created, keeping attempt and errors (a cancelled job stays
--- cancelled). A message with a `pgbroker_unique` header is not stored while another
--- job with that key is incomplete (the unique index settles a concurrent race with
--- an error); `pgbroker_meta` becomes the job's meta. Rows deliverable now wake their
--- queue's listeners; NOTIFY is transactional, so a caller's rollback also takes the
--- wake-up back.
+-- of a second row being created, keeping attempt, errors and unique key (a
+-- cancelled job stays cancelled).
 ins AS (
-    INSERT INTO {schema}.jobs AS j (task_id, queue, task, state, priority, scheduled_at, expires_at,
-                                   headers, properties, body, content_type, content_encoding,
-                                   unique_key, meta)
-    SELECT task_id, queue, task,
-           CASE WHEN scheduled_at > now() THEN
-                CASE WHEN retry THEN 'retryable' ELSE 'scheduled' END
-                ELSE 'available' END::{schema}.job_state,
-           priority, greatest(coalesce(scheduled_at, now()), now()), expires_at,
-           headers, properties, body, content_type, content_encoding,
-           headers->>'pgbroker_unique', coalesce(headers->'pgbroker_meta', '{}')
-    FROM input
-    WHERE headers->>'pgbroker_unique' IS NULL OR NOT EXISTS (
-        SELECT 1 FROM {schema}.jobs AS u
-        WHERE u.unique_key = input.headers->>'pgbroker_unique'
-          AND u.state IN ('available', 'scheduled', 'executing', 'retryable')
-          AND u.task_id IS DISTINCT FROM input.task_id)
-    ORDER BY ord
+    {insert_jobs}
     ON CONFLICT (task_id) WHERE task_id IS NOT NULL DO UPDATE SET
         queue = excluded.queue, task = excluded.task, state = excluded.state,
         priority = excluded.priority, scheduled_at = excluded.scheduled_at,
@@ -38,13 +47,20 @@ ins AS (
         content_type = excluded.content_type, content_encoding = excluded.content_encoding,
         attempted_by = NULL, acked = false, completed_at = NULL, discarded_at = NULL
         WHERE j.state <> 'cancelled'
-    RETURNING j.id, j.queue, j.state
-), woke AS (
-    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (
-        SELECT DISTINCT queue FROM ins WHERE state = 'available'
-    ) q
+    RETURNING j.id, j.task_id, j.queue, j.state
+), {wake_inserted}
+
+-- fragment: many_input
+-- Many messages as parallel arrays, one element per message.
+WITH input AS (
+    SELECT * FROM unnest(
+        %(task_ids)s::text[], %(queues)s::text[], %(tasks)s::text[], %(priorities)s::smallint[],
+        %(scheduled)s::timestamptz[], %(expires)s::timestamptz[], %(retries)s::boolean[],
+        %(headers)s::jsonb[], %(properties)s::jsonb[], %(bodies)s::text[],
+        %(content_types)s::text[], %(content_encodings)s::text[]
+    ) WITH ORDINALITY AS r(task_id, queue, task, priority, scheduled_at, expires_at, retry,
+                           headers, properties, body, content_type, content_encoding, ord)
 )
-SELECT ins.id FROM ins, (SELECT count(*) FROM woke) w
 
 -- name: enqueue
 -- Store one message (the publish hot path: VALUES plans much cheaper than unnest).
@@ -59,16 +75,28 @@ WITH input AS (
 ), {store_jobs};
 
 -- name: enqueue_many
--- Store many messages in one statement (parallel arrays, one element per message).
-WITH input AS (
-    SELECT * FROM unnest(
-        %(task_ids)s::text[], %(queues)s::text[], %(tasks)s::text[], %(priorities)s::smallint[],
-        %(scheduled)s::timestamptz[], %(expires)s::timestamptz[], %(retries)s::boolean[],
-        %(headers)s::jsonb[], %(properties)s::jsonb[], %(bodies)s::text[],
-        %(content_types)s::text[], %(content_encodings)s::text[]
-    ) WITH ORDINALITY AS r(task_id, queue, task, priority, scheduled_at, expires_at, retry,
-                           headers, properties, body, content_type, content_encoding, ord)
-), {store_jobs};
+-- Store many messages in one statement.
+{many_input}, {store_jobs};
+
+-- name: unique_release
+-- Free the unique keys about to be published whose holder left its unique states or
+-- outlived its period (the row lock orders concurrent publishers of a key).
+UPDATE {schema}.jobs SET unique_key = NULL
+WHERE unique_key = ANY(%(keys)s::text[])
+  AND (unique_until <= now() OR NOT (state = ANY(unique_states)));
+
+-- name: enqueue_unique
+-- Store unique messages: a key held by another job stores nothing (a concurrent
+-- publisher's uncommitted row is waited for, never duplicated).
+{many_input}, ins AS (
+    {insert_jobs}
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+    RETURNING j.id, j.task_id, j.queue, j.state
+), {wake_inserted};
+
+-- name: unique_holders
+-- The jobs holding these unique keys.
+SELECT unique_key, id, task_id, state FROM {schema}.jobs WHERE unique_key = ANY(%(keys)s::text[]);
 
 -- fragment: pick_available
 -- The first %(limit)s deliverable jobs of the given queues, in delivery order, locked.

@@ -245,3 +245,15 @@ def test_warm_shutdown_gives_prefetched_jobs_back(celery_app, start_worker, sql)
         else:  # never started: back in the queue at once, not after rescue_after
             assert r["state"] == "available" and r["attempt"] <= 1, r
     assert any(r["redelivered"] and r["state"] == "available" for r in rows.values())
+
+
+def test_a_unique_task_keeps_its_key_through_retries_and_frees_it_when_done(celery_app, start_worker, sql):
+    m = celery_app
+    first = m.fails_twice.apply_async(("u",), unique={})
+    assert m.fails_twice.apply_async(("u",), unique={}).id != first.id  # a duplicate: not stored
+    start_worker(pool="threads")
+    row = wait_states(sql, [first.id])[first.id]
+    assert row["attempt"] == 3 and len(effects(sql, "u", "done")) == 1  # retried twice, one job
+    again = m.fails_twice.apply_async(("u",), unique={})  # finished: the key is free again
+    wait_states(sql, [again.id])
+    assert len(sql("SELECT 1 FROM {schema}.jobs")) == 2

@@ -1,0 +1,129 @@
+"""Unique jobs: one live job per key, enforced by the database, per call and per task."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import psycopg
+import pytest
+from celery import Celery
+
+import pgbroker
+from pgbroker.unique import InvalidUnique, duplicate_of
+from tests.helpers import ROOT
+
+TASK = "tests.unique.send_mail"
+
+
+def send_mail(*args, **kwargs):
+    return args
+
+
+@pytest.fixture
+def app(broker_url, transport_options, db):
+    app = Celery("unique-tests", broker=broker_url, set_as_current=False)
+    app.conf.update(broker_transport_options=transport_options)
+    app.task(name=TASK)(send_mail)
+    app.task(name="tests.unique.per_user", unique={"fields": ["task", "kwargs"], "keys": ["user_id"]})(send_mail)
+    app.task(name="tests.unique.base", base=pgbroker.unique.Task, unique=True)(send_mail)
+    yield app
+    app.close()
+
+
+def jobs(sql):
+    return sql("SELECT task_id, state, unique_key FROM {schema}.jobs ORDER BY id")
+
+
+def test_a_second_publish_of_a_held_key_stores_nothing_and_names_the_holder(app, sql):
+    first = app.send_task(TASK, args=["ann@example.com"], unique={})
+    second = app.send_task(TASK, args=["ann@example.com"], unique={})
+    other = app.send_task(TASK, args=["bob@example.com"], unique={})
+    assert [j["task_id"] for j in jobs(sql)] == [first.id, other.id]
+    assert duplicate_of(second.id) == first.id and duplicate_of(first.id) is None
+
+
+def test_a_task_option_selects_the_kwargs_that_count(app, sql):
+    task = app.tasks["tests.unique.per_user"]
+    kept = task.apply_async(kwargs={"user_id": 7, "template": "welcome"})
+    task.apply_async(kwargs={"user_id": 7, "template": "reminder"})  # same user: a duplicate
+    task.apply_async(kwargs={"user_id": 8, "template": "welcome"})
+    assert len(jobs(sql)) == 2 and jobs(sql)[0]["task_id"] == kept.id
+
+
+def test_the_unique_task_base_returns_the_holders_result(app, sql):
+    task = app.tasks["tests.unique.base"]
+    first = task.delay(1)
+    again = task.delay(1)
+    assert first.duplicate is False and again.duplicate is True and again.id == first.id
+
+
+def test_a_key_is_released_when_its_job_finishes_or_its_period_ends(app, sql):
+    first = app.send_task(TASK, args=[1], unique={})
+    sql("UPDATE {schema}.jobs SET state = 'completed' WHERE task_id = %s", first.id)
+    second = app.send_task(TASK, args=[1], unique={})
+    assert duplicate_of(second.id) is None and len(jobs(sql)) == 2
+    timed = app.send_task(TASK, args=[2], unique={"period": 3600, "states": ["available", "completed"]})
+    sql("UPDATE {schema}.jobs SET state = 'completed' WHERE task_id = %s", timed.id)
+    assert duplicate_of(app.send_task(TASK, args=[2], unique={"period": 3600}).id) == timed.id  # completed counts
+    sql("UPDATE {schema}.jobs SET unique_until = now() - interval '1 second' WHERE task_id = %s", timed.id)
+    later = app.send_task(TASK, args=[2], unique={"period": 3600})
+    assert duplicate_of(later.id) is None
+
+
+def test_scheduled_only_uniqueness_debounces_countdown_tasks(app, sql):
+    spec = {"states": ["scheduled"]}
+    first = app.send_task(TASK, args=["digest"], countdown=60, unique=spec)
+    assert duplicate_of(app.send_task(TASK, args=["digest"], countdown=60, unique=spec).id) == first.id
+    sql("UPDATE {schema}.jobs SET state = 'executing' WHERE task_id = %s", first.id)  # started: no longer debounced
+    assert duplicate_of(app.send_task(TASK, args=["digest"], countdown=60, unique=spec).id) is None
+
+
+def test_a_unique_publish_rolled_back_with_the_callers_transaction_holds_nothing(app, sql, database_url):
+    with psycopg.connect(database_url) as conn:
+        with pgbroker.atomic(conn):
+            app.send_task(TASK, args=["tx"], unique={})
+        conn.rollback()
+    kept = app.send_task(TASK, args=["tx"], unique={})
+    assert [j["task_id"] for j in jobs(sql)] == [kept.id]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"fields": ["colour"]}, "unique fields"),
+    ({"states": ["sleeping"]}, "unique states"),
+    ({"period": -5}, "positive number of seconds"),
+    ({"period": 0}, "positive number of seconds"),
+    ({"keys": "user_id"}, "list of keyword-argument names"),
+    ({"forever": True}, "unknown unique option"),
+    ("yes", "must be a dict"),
+])
+def test_bad_unique_specs_are_refused_at_publish(app, sql, spec, message):
+    with pytest.raises(InvalidUnique, match=message):
+        app.send_task(TASK, args=[1], unique=spec)
+    assert jobs(sql) == []
+
+
+def test_eight_processes_racing_on_a_thousand_keys_store_one_job_per_key(broker_url, transport_options, sql,
+                                                                          db):
+    script = textwrap.dedent(f"""
+        import sys
+        from celery import Celery
+        from pgbroker.unique import duplicate_of
+        app = Celery(broker={broker_url!r})
+        app.conf.broker_transport_options = {transport_options!r}
+        with app.connection_for_write() as conn:
+            conn.ensure_connection()
+        sys.stdin.readline()  # all start together
+        dup = sum(duplicate_of(app.send_task("race", args=[k], unique={{}}).id) is not None for k in range(1000))
+        print(dup)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    duplicates = [int(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    counts = sql("SELECT count(*) AS n, count(DISTINCT unique_key) AS keys FROM {schema}.jobs")[0]
+    assert counts == {"n": 1000, "keys": 1000}
+    assert sum(duplicates) == 7000
