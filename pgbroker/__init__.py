@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "atomic",
+    "Snooze",
     "Database",
     "JobEngine",
     "JobState",
@@ -35,6 +36,7 @@ __all__ = [
 
 _LAZY = {
     "atomic": "pgbroker.enqueue",
+    "Snooze": "pgbroker.worker",
     "Database": "pgbroker.db",
     "JobEngine": "pgbroker.engine",
     "JobState": "pgbroker.types",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config import Options
     from .db import Database
     from .enqueue import atomic
+    from .worker import Snooze
     from .engine import JobEngine
     from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidMessage,
                          InvalidName, MessageTooLarge, NotInTransaction, PgBrokerError, SchemaNotReady,

@@ -53,7 +53,8 @@ def describe(exc: BaseException, with_traceback: bool = True) -> tuple[str, str 
 class Outcome:
     """What happened to one delivery (job id + attempt), written by the :class:`Settler`.
 
-    ``op`` is ``completed``, ``discarded``, ``cancelled``, ``acked`` (delivery acknowledged, task
+    ``op`` is ``completed``, ``discarded``, ``cancelled``, ``snoozed`` (scheduled again in
+    ``delay`` seconds, without spending an attempt), ``acked`` (delivery acknowledged, task
     still running) or ``error`` (append an error entry only, whatever the state).
     """
 
@@ -61,9 +62,10 @@ class Outcome:
     attempt: int
     op: str
     error: str | None = None
+    delay: float | None = None
 
 
-_RANK = {"acked": 1, "completed": 2, "discarded": 2, "cancelled": 2}
+_RANK = {"acked": 1, "completed": 2, "discarded": 2, "cancelled": 2, "snoozed": 2}
 
 
 class JobEngine:
@@ -190,7 +192,7 @@ class JobEngine:
             ms = list(merged.values())
             statements.append(("settle", {
                 "ids": [o.job_id for o in ms], "attempts": [o.attempt for o in ms],
-                "ops": [o.op for o in ms], "errors": [o.error for o in ms],
+                "ops": [o.op for o in ms], "errors": [o.error for o in ms], "delays": [o.delay for o in ms],
             }))
         if errors:
             statements.append(("append_errors", {

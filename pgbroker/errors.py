@@ -31,6 +31,10 @@ class InvalidUnique(ConfigurationError):
     """A ``unique`` spec pgbroker cannot apply (unknown field or state, bad period)."""
 
 
+class InvalidSnooze(PgBrokerError, ValueError):
+    """``Snooze`` was given something other than a number of seconds >= 0."""
+
+
 class InvalidMessage(PgBrokerError, ValueError):
     """A message that cannot be stored: bad eta/expires header, unserialisable headers, …"""
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 from celery.worker import control as _control
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import Retry, TaskRevokedError
 from celery.worker.request import Request
 from celery.worker.consumer.gossip import Gossip
 from celery.worker.consumer.mingle import Mingle
@@ -33,6 +33,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.transport import resolve_transport
 
 from .db import database_for
+from .errors import InvalidSnooze
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
 from .maintenance import maintainer_for
 from .transport import Channel, Transport
@@ -107,8 +108,28 @@ def _on_failure(sender=None, exception=None, einfo=None, **kwargs):
     _record(sender, sender.request, "discarded", text, getattr(einfo, "traceback", None))
 
 
+class Snooze(Retry):
+    """``raise pgbroker.Snooze(seconds)`` in a task: run it again in ``seconds`` without
+    spending an attempt or a Celery retry (the same job row goes back to ``scheduled``;
+    ``meta.snoozed`` counts the snoozes). Only for tasks consumed from pgbroker."""
+
+    def __init__(self, seconds: float):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise InvalidSnooze(f"snooze needs a number of seconds >= 0, got {seconds!r}")
+        self.seconds = float(seconds)
+        super().__init__(f"snoozed for {self.seconds:g}s", when=self.seconds)
+
+    def __reduce__(self):  # crosses from pool processes to the worker
+        return self.__class__, (self.seconds,)
+
+
 @signals.task_retry.connect
 def _on_retry(sender=None, request=None, reason=None, einfo=None, **kwargs):
+    if isinstance(reason, Snooze):
+        job = _job_of(request)
+        if job is not None and id(getattr(sender, "app", None)) in _apps:
+            _engine(sender.app).settler.submit(Outcome(job[0], job[1], "snoozed", delay=reason.seconds))
+        return
     exc = getattr(reason, "exc", None) or reason  # celery.exceptions.Retry wraps the cause
     text = describe(exc, with_traceback=False)[0] if isinstance(exc, BaseException) else str(exc)
     when = reason.humanize() if hasattr(reason, "humanize") else "retrying"

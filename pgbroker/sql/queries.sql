@@ -134,9 +134,17 @@ RETURNING j.id, j.attempt, j.queue, j.priority, j.redelivered, j.headers::text A
 -- name: settle
 -- Record the outcome of deliveries, batched. Fenced by (id, attempt) and state:
 -- a delivery that was rescued or re-claimed since cannot change the row.
--- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running).
+-- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
+-- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
+-- the snooze spends no attempt, and meta.snoozed counts them).
 UPDATE {schema}.jobs AS j SET
-    state = CASE s.op WHEN 'acked' THEN j.state ELSE s.op::{schema}.job_state END,
+    state = CASE s.op WHEN 'acked' THEN j.state WHEN 'snoozed' THEN 'scheduled'
+                 ELSE s.op::{schema}.job_state END,
+    scheduled_at = CASE WHEN s.op = 'snoozed' THEN now() + make_interval(secs => s.delay) ELSE j.scheduled_at END,
+    max_attempts = CASE WHEN s.op = 'snoozed' THEN j.max_attempts + 1 ELSE j.max_attempts END,
+    meta = CASE WHEN s.op = 'snoozed'
+                THEN j.meta || jsonb_build_object('snoozed', coalesce((j.meta->>'snoozed')::int, 0) + 1)
+                ELSE j.meta END,
     acked = j.acked OR s.op = 'acked',
     completed_at = CASE WHEN s.op = 'completed' THEN now() ELSE j.completed_at END,
     discarded_at = CASE WHEN s.op = 'discarded' THEN now() ELSE j.discarded_at END,
@@ -144,8 +152,9 @@ UPDATE {schema}.jobs AS j SET
     cancelled_by = CASE WHEN s.op = 'cancelled' THEN coalesce(j.cancelled_by, 'worker ' || j.attempted_by)
                         ELSE j.cancelled_by END,
     errors = CASE WHEN s.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(s.error) END
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[])
-     AS s(id, attempt, op, error)
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[],
+            %(delays)s::float8[])
+     AS s(id, attempt, op, error, delay)
 WHERE j.id = s.id AND j.attempt = s.attempt AND j.state = 'executing';
 
 -- name: relax_commit

@@ -257,3 +257,22 @@ def test_a_unique_task_keeps_its_key_through_retries_and_frees_it_when_done(cele
     again = m.fails_twice.apply_async(("u",), unique={})  # finished: the key is free again
     wait_states(sql, [again.id])
     assert len(sql("SELECT 1 FROM {schema}.jobs")) == 2
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_snoozed_task_runs_again_later_without_spending_a_retry(celery_app, start_worker, sql, pool):
+    snoozer = celery_app.snoozes_twice.delay("z")  # max_retries=0: a real retry would fail it
+    start_worker(pool=pool)
+    row = wait_states(sql, [snoozer.id])[snoozer.id]
+    assert row["attempt"] == 3 and row["errors"] == []
+    assert sql("SELECT meta FROM {schema}.jobs WHERE task_id = %s", snoozer.id)[0]["meta"] == {"snoozed": 2}
+    assert len(effects(sql, "z", "attempt")) == 3 and len(effects(sql, "z", "done")) == 1
+
+
+def test_a_snooze_needs_seconds():
+    from pgbroker import Snooze
+    from pgbroker.errors import InvalidSnooze
+
+    for bad in (-1, "soon", None, float("nan")):
+        with pytest.raises(InvalidSnooze, match="number of seconds"):
+            Snooze(bad)

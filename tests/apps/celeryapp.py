@@ -93,6 +93,19 @@ def fails_twice(self, key):
     effect(key, "done")
 
 
+@app.task(bind=True, max_retries=0)
+def snoozes_twice(self, key):
+    """Not ready twice (snoozed, which spends no retry: max_retries=0), then done."""
+    from pgbroker import Snooze
+
+    effect(key, "attempt")
+    with _db() as conn:
+        (tries,) = conn.execute(f'SELECT count(*) FROM "{SCHEMA}".effects WHERE key = %s', (key,)).fetchone()
+    if tries < 3:
+        raise Snooze(0.2)
+    effect(key, "done")
+
+
 @app.task(bind=True, max_retries=3)
 def retries_in_transaction(self, key):
     """Publishes a follow-up and retries from inside pgbroker.atomic(): the retry must
