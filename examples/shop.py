@@ -74,6 +74,26 @@ def total(prices):
     return sum(prices)
 
 
+@app.task(unique={"fields": ["task", "args"], "period": 3600})
+def send_receipt(order_id):
+    """Unique per order for an hour: a double click does not mail twice."""
+    return f"receipt for {order_id}"
+
+
+STOCK = {"tries": 0}
+
+
+@app.task
+def ship_when_in_stock(item):
+    """Snoozes until the item is in stock (here: the third look), spending no retry."""
+    from pgbroker import Snooze
+
+    STOCK["tries"] += 1
+    if STOCK["tries"] < 3:
+        raise Snooze(0.5)
+    return f"shipped {item}"
+
+
 def checkout(items):
     """Price every item in parallel, then add them up: ``checkout([...]).get()`` -> cents."""
     return chord(price.s(item) for item in items)(total.s())

@@ -128,3 +128,15 @@ def test_beat_schedules_example(worker_env):
     assert "20 paid orders shipped by trigger ship-paid-orders" in out.stdout
     assert "nightly-cleanup    cron 30 2 * * * (Europe/Paris)     enabled=True fires=1" in out.stdout
     assert "tick               every 0:00:02                      enabled=False" in out.stdout
+
+
+def test_unique_and_snooze_example(worker_env, start_worker):
+    start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples")
+    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
+    out = subprocess.run([sys.executable, "unique_and_snooze.py"], cwd=ROOT / "examples", env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = out.stdout.split("first ", 1)[1].split(";", 1)[0]
+    assert f"is a duplicate of {first}" in out.stdout and "receipt: receipt for order-42" in out.stdout
+    assert "ship_when_in_stock: shipped teapot" in out.stdout
+    assert "completed, 3 deliveries, snoozed 2 times, 0 errors" in out.stdout
