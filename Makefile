@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench bench-control compat install clean
+.PHONY: demo test bench bench-control bench-prune compat install clean
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench-control: $(VENV)/.installed-dev
 	$(PY) -m pip install -q -e '.[bench]'
 	bash bench/services.sh
 	$(PY) bench/control.py --minutes $(MINUTES)
+
+# Pruning 1M finished jobs while producing and consuming (ROWS=… to change).
+ROWS ?= 1000000
+bench-prune: $(VENV)/.installed-dev
+	bash bench/services.sh
+	$(PY) bench/prune.py --rows $(ROWS)
 
 # Celery's own integration suite against pgbroker (brings up PostgreSQL with the test
 # role and database, as the benchmark does; see README).

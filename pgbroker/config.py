@@ -80,6 +80,13 @@ class Options:
     prune_interval: float = 60.0
     #: Most rows one pruning statement deletes.
     prune_batch_size: int = 1000
+    #: Finished jobs are deleted this long (seconds) after they finished, per final
+    #: state, by one process at a time (Oban's Pruner default: 60 s). "never" keeps them.
+    prune_completed_after: float | None = 60.0
+    prune_cancelled_after: float | None = 60.0
+    prune_discarded_after: float | None = 60.0
+    #: Beat fire records (the exactly-once keys) are kept this long (seconds; "never" keeps them).
+    prune_beat_fires_after: float | None = 7 * 24 * 3600.0
     #: Inside Django's ``transaction.atomic()``, publishes join the transaction without
     #: ``pgbroker.atomic()`` (on the ``django_database`` connection).
     join_django_atomic: bool = False
@@ -118,6 +125,11 @@ class Options:
                      "pool_max_size", "prune_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("prune_completed_after", "prune_cancelled_after", "prune_discarded_after",
+                     "prune_beat_fires_after"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigurationError(f"{name} must be >= 0 seconds or 'never', got {value!r}")
         if self.pool_max_size < self.pool_min_size:
             raise ConfigurationError("pool_max_size must be >= pool_min_size")
         if self.foreign_transaction not in ("error", "after_commit"):
@@ -138,6 +150,10 @@ def _coerce(name: str, type_: Any, value: Any) -> Any:
         if kind == "int":
             return int(value)
         if kind == "float":
+            return float(value)
+        if kind == "float | None":
+            if isinstance(value, str) and value.strip().lower() in ("never", "none", ""):
+                return None
             return float(value)
         return str(value)
     except (TypeError, ValueError) as exc:

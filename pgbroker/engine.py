@@ -248,6 +248,27 @@ class JobEngine:
             expires=_seconds(arguments, "x-expires"), message_ttl=_seconds(arguments, "x-message-ttl"),
         )
 
+    def prune(self, rounds: int = 10) -> dict[str, int] | None:
+        """Delete finished jobs and beat fires past their retention (options
+        ``prune_*_after``), up to ``rounds`` batches of ``prune_batch_size`` per state;
+        None when another process holds the prune lock (it is pruning)."""
+        o = self.db.options
+        total = {"completed": 0, "cancelled": 0, "discarded": 0, "fires": 0}
+        since: dict[str, Any] = {"since_completed": None, "since_cancelled": None, "since_discarded": None}
+        for _ in range(rounds):
+            row = self.db.fetchone("jobs_prune", batch=o.prune_batch_size, completed=o.prune_completed_after,
+                                   cancelled=o.prune_cancelled_after, discarded=o.prune_discarded_after,
+                                   fires=o.prune_beat_fires_after, **since)
+            if not row["leader"]:
+                return None
+            for key in total:
+                total[key] += row[key]
+            for state in ("completed", "cancelled", "discarded"):
+                since[f"since_{state}"] = row[f"last_{state}"] or since[f"since_{state}"]
+            if max(row[k] for k in total) < o.prune_batch_size:
+                break
+        return total
+
     def sweep_queues(self) -> dict[str, int]:
         """Delete expired queues and messages past their queue's TTL (see the query)."""
         return self.db.fetchone("queues_sweep")

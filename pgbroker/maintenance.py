@@ -111,14 +111,25 @@ class Maintainer:
                 rescued["dead"], rescued["redelivered"], rescued["discarded"],
             )
 
+    def prune(self) -> None:
+        """Delete finished jobs past their retention (one process at a time)."""
+        pruned = self.engine.prune()
+        if pruned and any(pruned.values()):
+            logger.info("pgbroker: pruned %(completed)d completed, %(cancelled)d cancelled, %(discarded)d "
+                        "discarded jobs and %(fires)d beat fires", pruned)
+
     def _run(self) -> None:
         opts = self.options
         next_beat = 0.0
+        next_prune = time.monotonic() + opts.prune_interval
         while not self._stop.is_set():
             try:
                 if time.monotonic() >= next_beat:
                     self.beat()
                     next_beat = time.monotonic() + opts.heartbeat_interval
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + opts.prune_interval
+                    self.prune()
                 self.engine.stage()
                 due = self.engine.next_due()
                 wait = min(opts.polling_interval, next_beat - time.monotonic())

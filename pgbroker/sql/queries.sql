@@ -648,3 +648,50 @@ LIMIT %(limit)s
 -- name: trigger_matches
 -- Whether one row still matches its trigger's filter.
 SELECT EXISTS ({trigger_matching} WHERE m.{key} = %(key)s) AS matches
+
+-- name: jobs_prune
+-- Delete up to %(batch)s finished jobs per final state older than that state's
+-- retention (seconds; NULL keeps them), and as many finished beat fires older than
+-- %(fires)s. Only the process holding the schema's job-prune lock for this statement
+-- deletes; the others see leader = false. Rows are locked one batch at a time, and
+-- SKIP LOCKED never waits for a row someone else holds. Each state is read as its
+-- own range of jobs_finished_idx (the literal IN lets the planner use that partial
+-- index); `since_*` is where the previous batch of a state stopped, so the scan
+-- skips the entries of the rows it just deleted.
+WITH leader AS (
+    SELECT pg_try_advisory_xact_lock(hashtext({schema_name} || ':prune-jobs')) AS ok
+), old AS (
+    SELECT s.state, now() - make_interval(secs => s.keep) AS cutoff, coalesce(s.since, '-infinity') AS since
+    FROM (VALUES ('completed'::{schema}.job_state, %(completed)s::float8, %(since_completed)s::timestamptz),
+                 ('cancelled'::{schema}.job_state, %(cancelled)s::float8, %(since_cancelled)s::timestamptz),
+                 ('discarded'::{schema}.job_state, %(discarded)s::float8, %(since_discarded)s::timestamptz)
+         ) AS s(state, keep, since)
+    WHERE s.keep IS NOT NULL AND (SELECT ok FROM leader)
+), gone AS (
+    -- (= ANY(ARRAY(…)) keeps the delete on the primary key: a join could scan the table.)
+    DELETE FROM {schema}.jobs AS j WHERE j.id = ANY(ARRAY(
+        SELECT c.id FROM old CROSS JOIN LATERAL (
+            SELECT id FROM {schema}.jobs
+            WHERE state IN ('completed', 'discarded', 'cancelled') AND state = old.state
+              AND coalesce(completed_at, discarded_at, cancelled_at) < old.cutoff
+              AND coalesce(completed_at, discarded_at, cancelled_at) >= old.since
+            ORDER BY state, coalesce(completed_at, discarded_at, cancelled_at)
+            LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+        ) c))
+    RETURNING j.state, coalesce(j.completed_at, j.discarded_at, j.cancelled_at) AS finished
+), gone_fires AS (
+    DELETE FROM {schema}.beat_fires AS f WHERE f.ctid = ANY(ARRAY(
+        SELECT ctid FROM {schema}.beat_fires
+        WHERE done AND fired_at < now() - make_interval(secs => %(fires)s) AND (SELECT ok FROM leader)
+        ORDER BY fired_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING 1
+)
+SELECT (SELECT ok FROM leader) AS leader,
+       (SELECT count(*) FROM gone WHERE state = 'completed') AS completed,
+       (SELECT count(*) FROM gone WHERE state = 'cancelled') AS cancelled,
+       (SELECT count(*) FROM gone WHERE state = 'discarded') AS discarded,
+       (SELECT count(*) FROM gone_fires) AS fires,
+       (SELECT max(finished) FROM gone WHERE state = 'completed') AS last_completed,
+       (SELECT max(finished) FROM gone WHERE state = 'cancelled') AS last_cancelled,
+       (SELECT max(finished) FROM gone WHERE state = 'discarded') AS last_discarded;

@@ -276,3 +276,10 @@ def test_a_snooze_needs_seconds():
     for bad in (-1, "soon", None, float("nan")):
         with pytest.raises(InvalidSnooze, match="number of seconds"):
             Snooze(bad)
+
+
+def test_the_worker_prunes_finished_jobs_past_their_retention(celery_app, start_worker, sql):
+    done = celery_app.record.delay("pruned")
+    start_worker(pool="threads", overrides={"PRUNE_INTERVAL": "0.5", "PRUNE_JOBS_AFTER": "0"})
+    wait_for(lambda: effects(sql, "pruned", "ran"), what="the task ran")
+    wait_for(lambda: not sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s", done.id), what="its row pruned")

@@ -26,6 +26,10 @@ app.conf.update(
         "rescue_after": 2.0,
         "max_result_size": 100_000,
         "prune_interval": float(os.environ.get("PRUNE_INTERVAL", "60")),
+        # the tests read job rows after the fact: keep them unless a test asks
+        "prune_completed_after": os.environ.get("PRUNE_JOBS_AFTER", "never"),
+        "prune_cancelled_after": os.environ.get("PRUNE_JOBS_AFTER", "never"),
+        "prune_discarded_after": os.environ.get("PRUNE_JOBS_AFTER", "never"),
         "join_django_atomic": os.environ.get("PGBROKER_JOIN_DJANGO") == "1",
     },
     task_ignore_result=True,
