@@ -141,7 +141,7 @@ class JobEngine:
     def enqueue_fanout(self, exchange: str, message: dict) -> int:
         """Store a copy of ``message`` for every queue bound to ``exchange`` in the
         database (whichever process bound it); returns how many copies."""
-        row = to_row(exchange, message, self.db.options.max_message_size)
+        row = _not_unique(to_row(exchange, message, self.db.options.max_message_size))  # copies: no key
         params = {k: v for k, v in vars(row).items() if k not in ("task_id", "queue", "retry", "unique_key")}
         return len(self.db.fetchall("enqueue_fanout", exchange=exchange, **params))
 
