@@ -23,11 +23,15 @@ def other_schema(database_url):
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def echo(x):
+    return x
+
+
 def make_app(broker_url, schema):
     app = Celery(f"iso-{schema}", broker=broker_url, backend=broker_url, set_as_current=False)
     app.conf.update(broker_transport_options={"schema": schema, "polling_interval": 0.5},
                     result_backend_transport_options={"schema": schema})
-    app.task(name="iso.echo")(lambda x: x)
+    app.task(name="iso.echo", shared=False)(echo)
     return app
 
 
