@@ -54,7 +54,9 @@ def test_periodic_jobs_outlive_a_worker_restart(start_beat, start_worker, sql):
     fires = count(sql, "{schema}.beat_fires WHERE entry = 'durable'")
     start_worker(pool="threads", name="w2")
     wait_for(lambda: count(sql, "{schema}.effects WHERE key = 'periodic-d'") == fires, what="every fire run")
-    assert count(sql, "{schema}.jobs WHERE meta->>'beat_entry' = 'durable' AND state = 'completed'") == fires
+    # the outcome is written just after the task's own effect: wait for it too
+    wait_for(lambda: count(sql, "{schema}.jobs WHERE meta->>'beat_entry' = 'durable' AND state = 'completed'")
+             == fires, what="every fire's job completed")
 
 
 @pytest.fixture
