@@ -715,8 +715,6 @@ class Scheduler(beat.Scheduler):
             try:
                 with conn.transaction():
                     self._enqueue_page(conn, fire)
-            except psycopg.errors.UniqueViolation:
-                pass  # a concurrent fire of the same trigger enqueued a row of this page: read it again
             except Exception as exc:
                 logger.error("pgbroker beat: trigger %s failed at fire %s: %s", fire["entry"],
                              fire["fire_at"].isoformat(), exc)

@@ -44,13 +44,18 @@ def database_url() -> str:
     return embedded.start(ROOT / ".pgbroker-embedded" / "tests", settings={"max_connections": "300"})
 
 
-@pytest.fixture
-def schema(database_url):
-    """A fresh schema name for this test; dropped afterwards with everything in it."""
+def fresh_schema(database_url):
+    """A fresh schema name; dropped afterwards with everything in it (a fixture body)."""
     name = "t_" + uuid.uuid4().hex[:12]
     yield name
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+@pytest.fixture
+def schema(database_url):
+    """A fresh schema name for this test."""
+    yield from fresh_schema(database_url)
 
 
 @pytest.fixture

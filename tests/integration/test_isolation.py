@@ -2,9 +2,6 @@
 results, beat entries, unique keys."""
 from __future__ import annotations
 
-import uuid
-
-import psycopg
 import pytest
 from celery import Celery
 from kombu import Connection, Queue
@@ -12,15 +9,14 @@ from kombu import Connection, Queue
 from pgbroker.beat import BeatEntries, every
 from pgbroker.message import channel_name
 
+from tests.conftest import fresh_schema
+
 from .test_transport import consume
 
 
 @pytest.fixture
 def other_schema(database_url):
-    name = "t_" + uuid.uuid4().hex[:12]
-    yield name
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    yield from fresh_schema(database_url)
 
 
 def echo(x):
