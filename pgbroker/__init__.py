@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "atomic",
     "Snooze",
+    "Task",
     "Database",
     "JobEngine",
     "JobState",
@@ -32,11 +33,17 @@ __all__ = [
     "ForeignTransaction",
     "NotInTransaction",
     "TransactionFailed",
+    "InvalidJobOption",
+    "InvalidState",
+    "InvalidUnique",
+    "InvalidSnooze",
+    "InvalidSchedule",
 ]
 
 _LAZY = {
     "atomic": "pgbroker.enqueue",
     "Snooze": "pgbroker.worker",
+    "Task": "pgbroker.task",
     "Database": "pgbroker.db",
     "JobEngine": "pgbroker.engine",
     "JobState": "pgbroker.types",
@@ -55,6 +62,11 @@ _LAZY = {
     "ForeignTransaction": "pgbroker.errors",
     "NotInTransaction": "pgbroker.errors",
     "TransactionFailed": "pgbroker.errors",
+    "InvalidJobOption": "pgbroker.errors",
+    "InvalidState": "pgbroker.errors",
+    "InvalidUnique": "pgbroker.errors",
+    "InvalidSnooze": "pgbroker.errors",
+    "InvalidSchedule": "pgbroker.errors",
 }
 
 _pgbroker_alias.install()
@@ -65,15 +77,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from .enqueue import atomic
     from .worker import Snooze
     from .engine import JobEngine
-    from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidMessage,
-                         InvalidName, MessageTooLarge, NotInTransaction, PgBrokerError, SchemaNotReady,
-                         TransactionError, TransactionFailed)
+    from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidJobOption,
+                         InvalidMessage, InvalidName, InvalidSchedule, InvalidSnooze, InvalidState, InvalidUnique,
+                         MessageTooLarge, NotInTransaction, PgBrokerError, SchemaNotReady, TransactionError,
+                         TransactionFailed)
+    from .task import Task
     from .schema import install_sql, migrate
     from .types import Job, JobState
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
+    if module is None and name in ("jobs", "telemetry", "testing"):  # submodules: pgbroker.jobs.list(...)
+        import importlib
+
+        return importlib.import_module(f"pgbroker.{name}")
     if module is None:
         raise AttributeError(f"module 'pgbroker' has no attribute {name!r}")
     import importlib

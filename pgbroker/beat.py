@@ -35,6 +35,7 @@ from croniter import croniter
 from kombu.serialization import dumps as serialize
 from kombu.utils.uuid import uuid
 
+from . import telemetry
 from .db import Database, database_for
 from .engine import engine_for
 from .enqueue import atomic
@@ -627,6 +628,7 @@ class Scheduler(beat.Scheduler):
         """Fire every due entry and finish open trigger scans; returns fires recorded here."""
         fired, handled = 0, []  # each entry at most once per call, even if it is due again at once
         while True:
+            sent: list[dict] = []
             with self.db.transaction() as conn:
                 row = self.db.fetchone("beat_lock_due", conn, skip=handled)
                 if row is None:
@@ -634,11 +636,15 @@ class Scheduler(beat.Scheduler):
                 handled.append(row["name"])
                 try:
                     with conn.transaction():
-                        fired += self._fire(conn, row)
+                        fired += self._fire(conn, row, sent)
                 except Exception as exc:
+                    sent.clear()
                     logger.error("pgbroker beat: entry %s could not fire (tried again next tick): %s",
                                  row["name"], exc, exc_info=not isinstance(exc, psycopg.Error))
                     self.db.fetchall("beat_entry_error", conn, entry=row["name"], error=f"{type(exc).__name__}: {exc}")
+            for event in sent:  # committed: each fire is reported once, cluster-wide
+                telemetry.emit("beat.fired", {"lateness": (event.pop("now") - event["fire_at"]).total_seconds()},
+                               {**event, "fire_at": event["fire_at"].isoformat()})
         self.db.fetchall("beat_fire_orphans")
         attempts = 0
         while attempts < 100 and self._scan_page():
@@ -660,7 +666,7 @@ class Scheduler(beat.Scheduler):
             return missed[-1:]
         return on_time
 
-    def _fire(self, conn: psycopg.Connection, row: dict) -> int:
+    def _fire(self, conn: psycopg.Connection, row: dict, sent: list[dict]) -> int:
         sched = Schedule(row["schedule"])
         fires = [(t, False) for t in self._due_fires(row)]
         due = row["enabled"] and row["next_fire_at"] is not None and row["next_fire_at"] <= row["db_now"]
@@ -678,6 +684,8 @@ class Scheduler(beat.Scheduler):
             if trigger is None:
                 task_id = self._send(conn, row, fire_at, manual)
                 self.db.fetchall("beat_fire_sent", conn, entry=row["name"], fire_at=fire_at, task_id=task_id)
+                sent.append({"now": row["db_now"], "entry": row["name"], "task": row["task"], "task_id": task_id,
+                             "fire_at": fire_at})
             logger.info("pgbroker beat: %s fired for %s%s", row["name"], fire_at.isoformat(),
                         " (run now)" if manual else "")
         self.db.fetchall(

@@ -62,28 +62,290 @@ def _commands(get_url):
 
         click.echo(sql(schema))
 
-    @click.command()
-    @click.option("--schema", default="pgbroker", show_default=True)
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    return [migrate, install_sql, _queues_group(get_url), _jobs_group(get_url), _status(get_url),
+            _beat_group(get_url)]
+
+SCHEMA_OPTION = click.option("--schema", default="pgbroker", show_default=True, help="Postgres schema (prefix).")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+STATES = ("available", "scheduled", "executing", "retryable", "completed", "discarded", "cancelled")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _table(title: str, columns, rows, right=()):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left")
+    for row in rows:
+        table.add_row(*["" if v is None else str(v) for v in row])
+    _console().print(table)
+
+
+def _api(get_url, ctx, schema):
+    """(pgbroker.jobs, engine) for a command; pgbroker errors become clean CLI errors."""
+    from . import jobs
+
+    return jobs, _engine(get_url(ctx), schema)
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def _meta_option(values) -> dict | None:
+    """--meta key=value (repeatable; a JSON value is decoded, anything else is a string)."""
+    if not values:
+        return None
+    meta = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"--meta takes key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            meta[key] = value
+    return meta
+
+
+def _failing_cleanly(fn):
+    """Report pgbroker's typed errors (bad state, bad rate…) as CLI errors, not tracebacks."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PgBrokerError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return run
+
+
+def _job_dict(job) -> dict:
+    from dataclasses import asdict
+
+    data = asdict(job)
+    data["state"] = job.state.value
+    return {k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in data.items()}
+
+
+def _queues_group(get_url):
+    @click.group(invoke_without_command=True)
+    @SCHEMA_OPTION
+    @JSON_OPTION
     @click.pass_context
+    @_failing_cleanly
     def queues(ctx, schema, as_json):
-        """Jobs per queue and state."""
-        counts = _engine(get_url(ctx), schema).state_counts()
-        if as_json:
-            click.echo(json.dumps(counts))
+        """Queues: jobs per state, oldest available job, controls. Subcommands change controls."""
+        if ctx.invoked_subcommand is not None:
             return
-        from rich.console import Console
-        from rich.table import Table
+        jobs, engine = _api(get_url, ctx, schema)
+        stats = jobs.queues(engine)
+        if as_json:
+            click.echo(json.dumps(stats))
+            return
+        _table(f"pgbroker queues ({schema})", ("queue",) + STATES + ("oldest available", "paused", "limits"), [
+            [q["queue"], *(q[s] for s in STATES), _age(q["oldest_available"]), "yes" if q["paused"] else "",
+             ", ".join(filter(None, [q["concurrency"] and f"concurrency {q['concurrency']}",
+                                      q["rate_limit"] and f"{q['rate_limit']}/{q['rate_period']:g}s"]))]
+            for q in stats], right=STATES + ("oldest available",))
 
-        table = Table(title=f"pgbroker queues ({schema})")
-        table.add_column("queue")
-        table.add_column("state")
-        table.add_column("jobs", justify="right")
-        for row in counts:
-            table.add_row(row["queue"], row["state"], str(row["n"]))
-        Console().print(table)
+    def show(queue: str, row: dict) -> None:
+        limits = [f"concurrency {row['concurrency']}" if row["concurrency"] else "",
+                  f"rate {row['rate_limit']}/{row['rate_period']:g}s" if row["rate_limit"] else ""]
+        click.echo(f"{queue}: {'paused' if row['paused'] else 'running'}"
+                   + (f"; {', '.join(x for x in limits if x)}" if any(limits) else ""))
 
-    return [migrate, install_sql, queues, _beat_group(get_url)]
+    def control(name, help_text, apply):
+        @queues.command(name, help=help_text)
+        @click.argument("queue")
+        @SCHEMA_OPTION
+        @click.pass_context
+        @_failing_cleanly
+        def command(ctx, queue, schema):
+            api, engine = _api(get_url, ctx, schema)
+            show(queue, apply(api, engine, queue))
+        return command
+
+    control("pause", "Stop every worker from starting QUEUE's jobs (persisted; running jobs finish).",
+            lambda api, engine, queue: api.pause(engine, queue))
+    control("resume", "Let workers start QUEUE's jobs again.", lambda api, engine, queue: api.resume(engine, queue))
+
+    @queues.command("limit")
+    @click.argument("queue")
+    @click.option("--concurrency", default=None, help="Most executing jobs across all workers, or 'none'.")
+    @click.option("--rate", default=None, help="Most jobs started per period: N/s, N/m, N/h, N/5s…, or 'none'.")
+    @SCHEMA_OPTION
+    @click.pass_context
+    @_failing_cleanly
+    def limit(ctx, queue, concurrency, rate, schema):
+        """Set QUEUE's cluster-wide limits (enforced in every worker's claim)."""
+        if concurrency is None and rate is None:
+            raise click.UsageError("give --concurrency and/or --rate")
+        api, engine = _api(get_url, ctx, schema)
+        changes = {}
+        if concurrency is not None:
+            changes["concurrency"] = None if concurrency == "none" else _int(concurrency)
+        if rate is not None:
+            changes["rate"] = None if rate == "none" else rate
+        show(queue, api.limit(engine, queue, **changes))
+
+    return queues
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _jobs_group(get_url):
+    filters = [
+        click.option("--state", "states", multiple=True, help=f"Job state (repeatable): {', '.join(STATES)}."),
+        click.option("--queue", default=None, help="Queue name."),
+        click.option("--task", default=None, help="Celery task name."),
+        click.option("--meta", "meta", multiple=True, help="key=value the job's meta must contain (repeatable)."),
+    ]
+
+    def with_filters(fn):
+        for option in reversed(filters):
+            fn = option(fn)
+        return fn
+
+    @click.group()
+    def jobs():
+        """Jobs: list, show, retry, cancel."""
+
+    @jobs.command("ls")
+    @with_filters
+    @click.option("--limit", default=50, show_default=True, help="Most jobs shown (newest first).")
+    @click.option("--before", type=int, default=None, help="Only job ids below this (next page).")
+    @SCHEMA_OPTION
+    @JSON_OPTION
+    @click.pass_context
+    @_failing_cleanly
+    def ls(ctx, states, queue, task, meta, limit, before, schema, as_json):
+        """List jobs matching the filters, newest first."""
+        api, engine = _api(get_url, ctx, schema)
+        found = api.list(engine, state=list(states) or None, queue=queue, task=task, meta=_meta_option(meta),
+                         limit=limit, before=before)
+        if as_json:
+            click.echo(json.dumps([_job_dict(j) for j in found]))
+            return
+        _table(f"pgbroker jobs ({schema})", ("id", "task id", "task", "queue", "state", "attempt", "scheduled",
+                                             "last error"),
+               [[j.id, j.task_id, j.task, j.queue, j.state.value, f"{j.attempt}/{j.max_attempts or '-'}",
+                 f"{j.scheduled_at:%Y-%m-%d %H:%M:%S}", (j.errors[-1]["error"] if j.errors else "")[:60]]
+                for j in found], right=("id", "attempt"))
+
+    @jobs.command("show")
+    @click.argument("task_id")
+    @SCHEMA_OPTION
+    @JSON_OPTION
+    @click.pass_context
+    @_failing_cleanly
+    def show(ctx, task_id, schema, as_json):
+        """One job with its attempt history and errors."""
+        api, engine = _api(get_url, ctx, schema)
+        job = api.get(engine, task_id)
+        if job is None:
+            raise click.ClickException(f"no job for task id {task_id} (never published, or pruned)")
+        data = _job_dict(job)
+        if as_json:
+            click.echo(json.dumps(data))
+            return
+        errors = data.pop("errors")
+        _table(f"job {job.id} ({job.task_id})", ("field", "value"),
+               [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in data.items()])
+        _table("attempt history", ("attempt", "at", "error"), [[e.get("attempt"), e.get("at"), e.get("error")]
+                                                                for e in errors])
+
+    @jobs.command("retry")
+    @click.argument("task_ids", nargs=-1, required=True)
+    @SCHEMA_OPTION
+    @JSON_OPTION
+    @click.pass_context
+    @_failing_cleanly
+    def retry(ctx, task_ids, schema, as_json):
+        """Run discarded or cancelled jobs once more, now."""
+        api, engine = _api(get_url, ctx, schema)
+        retried = api.retry(engine, task_ids)
+        if as_json:
+            click.echo(json.dumps({"retried": retried}))
+            return
+        skipped = sorted(set(task_ids) - set(retried))
+        click.echo(f"retried {len(retried)} job(s)" + (f"; not discarded or cancelled: {', '.join(skipped)}"
+                                                         if skipped else ""))
+
+    @jobs.command("cancel")
+    @click.argument("task_ids", nargs=-1)
+    @with_filters
+    @click.option("--no-revoke", is_flag=True, help="Leave executing jobs running.")
+    @SCHEMA_OPTION
+    @JSON_OPTION
+    @click.pass_context
+    @_failing_cleanly
+    def cancel(ctx, task_ids, states, queue, task, meta, no_revoke, schema, as_json):
+        """Cancel jobs by TASK_IDS and/or filters: waiting ones never start, executing
+        ones are revoked (terminated) through Celery's remote control."""
+        if states:
+            raise click.UsageError("cancel takes no --state: it cancels waiting jobs and revokes executing ones")
+        api, engine = _api(get_url, ctx, schema)
+        where = dict(task_ids=list(task_ids) or None, queue=queue, task=task, meta=_meta_option(meta))
+        if as_json:
+            done = api.cancel(engine, revoke=not no_revoke, **where)
+        else:
+            from rich.progress import Progress
+
+            waiting = engine.count_jobs(states=["available", "scheduled", "retryable"], **where)
+            with Progress(console=_console(), transient=True) as bar:
+                step = bar.add_task("cancelling", total=waiting or None)
+                done = api.cancel(engine, revoke=not no_revoke, progress=lambda n: bar.advance(step, n), **where)
+        if as_json:
+            click.echo(json.dumps({"cancelled": done.cancelled, "revoked": done.revoked, "task_ids": done.task_ids}))
+        else:
+            click.echo(f"cancelled {done.cancelled} waiting job(s); revoked {done.revoked} executing job(s)")
+
+    return jobs
+
+
+def _status(get_url):
+    @click.command()
+    @SCHEMA_OPTION
+    @JSON_OPTION
+    @click.pass_context
+    @_failing_cleanly
+    def status(ctx, schema, as_json):
+        """Database, schema version, live workers and job totals."""
+        api, engine = _api(get_url, ctx, schema)
+        info = api.status(engine)
+        if as_json:
+            click.echo(json.dumps(info, default=str))
+            return
+        console = _console()
+        console.print(f"[bold]pgbroker[/bold] {info['database']} schema {info['schema']} "
+                      f"(version {info['version']}/{info['latest']}), {info['queues']} queue(s)"
+                      + (f", paused: {', '.join(info['paused'])}" if info["paused"] else ""))
+        _table("workers", ("consumer", "queues", "connections", "heartbeat"),
+               [[c["id"], ", ".join(c["queues"]), c["connections"], f"{c['silent_for']:.1f}s ago"]
+                for c in info["consumers"]])
+        _table("jobs", STATES, [[info["jobs"][s] for s in STATES]], right=STATES)
+
+    return status
+
 
 
 def _entries(url: str | None, schema: str):

@@ -54,6 +54,11 @@ class Options:
     heartbeat_interval: float = 5.0
     #: A consumer whose heartbeat is older than this is dead; its jobs are rescued (seconds).
     rescue_after: float = 20.0
+    #: How often the rescuer runs (seconds; None: with every heartbeat). One process at
+    #: a time runs it, like Oban's Lifeline.
+    rescue_interval: float | None = None
+    #: Most jobs one rescue run takes back.
+    rescue_batch_size: int = 1000
     #: Largest message body accepted at publish (bytes).
     max_message_size: int = 10 * 1024 * 1024
     #: Largest encoded task result the result backend stores (bytes).
@@ -122,7 +127,7 @@ class Options:
                 f"({self.heartbeat_interval}), or live consumers would be rescued"
             )
         for name in ("max_message_size", "max_result_size", "batch_size", "ack_batch_size", "pool_min_size",
-                     "pool_max_size", "prune_batch_size"):
+                     "pool_max_size", "prune_batch_size", "rescue_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("prune_completed_after", "prune_cancelled_after", "prune_discarded_after",
@@ -130,6 +135,8 @@ class Options:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ConfigurationError(f"{name} must be >= 0 seconds or 'never', got {value!r}")
+        if self.rescue_interval is not None and not self.rescue_interval > 0:
+            raise ConfigurationError(f"rescue_interval must be > 0, got {self.rescue_interval!r}")
         if self.pool_max_size < self.pool_min_size:
             raise ConfigurationError("pool_max_size must be >= pool_min_size")
         if self.foreign_transaction not in ("error", "after_commit"):

@@ -17,15 +17,16 @@ import time
 import traceback as _traceback
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg
 
 from .db import Database
-from .errors import DatabaseUnavailable
+from .errors import DatabaseUnavailable, InvalidState
+from . import telemetry
 from . import unique as _unique
 from .message import Row, from_row, to_row
-from .types import Job
+from .types import Job, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Outcome:
     delay: float | None = None
 
 
+_KEEP = object()
+
 _RANK = {"acked": 1, "completed": 2, "discarded": 2, "cancelled": 2, "snoozed": 2}
 
 
@@ -76,6 +79,7 @@ class JobEngine:
         self.schema = db.options.schema
         self._settler: Settler | None = None
         self._settler_lock = threading.Lock()
+        self._controls: tuple[float, frozenset[str]] | None = None
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -90,8 +94,11 @@ class JobEngine:
         """
         row = to_row(queue, message, self.db.options.max_message_size)
         if row.unique_key is not None and not row.retry:
-            return self._store_unique([row], conn)[0][0]
+            job_id, new = self._store_unique([row], conn)[0]
+            _enqueued([row], [not new])
+            return job_id
         stored = self.db.fetchone("enqueue", conn, **_single(_not_unique(row)))
+        _enqueued([row], [False])
         return stored["id"] if stored else None
 
     def enqueue_many(
@@ -113,7 +120,12 @@ class JobEngine:
         unique = [r for r in rows.values() if r.unique_key is not None and not r.retry]
         plain = [_not_unique(r) for r in rows.values() if r.unique_key is None or r.retry]
         ids = [r["id"] for r in self.db.fetchall("enqueue_many", conn, **_arrays(plain))] if plain else []
-        return ids + [i for i, new in self._store_unique(unique, conn) if new] if unique else ids
+        _enqueued(plain, [False] * len(plain))
+        if not unique:
+            return ids
+        stored = self._store_unique(unique, conn)
+        _enqueued(unique, [not new for _, new in stored])
+        return ids + [i for i, new in stored if new]
 
     def _store_unique(self, rows: list[Row], conn: psycopg.Connection | None) -> list[tuple[int | None, bool]]:
         """Store unique jobs; a held key stores nothing and records the holder as what
@@ -153,10 +165,27 @@ class JobEngine:
         Returns ``(kombu message dict, queue)`` pairs in delivery order
         (priority, then age). The rows are ``executing`` and owned by ``consumer``.
         One statement, whose commit does not wait for the WAL flush (see the query).
+        Paused and limited queues (:meth:`set_queue`) are claimed from in a transaction
+        that locks their rows first, so their limits hold across every worker.
         """
-        rows = self.db.fetchall("claim", queues=list(queues), limit=limit, consumer=consumer)
+        controlled = self._controlled()
+        plain = [q for q in queues if q not in controlled]
+        rows = self.db.fetchall("claim", queues=plain, limit=limit, consumer=consumer) if plain else []
+        limited = [q for q in queues if q in controlled]
+        if limited and len(rows) < limit:
+            with self.db.transaction() as conn:
+                self.db.fetchall("queue_controls_lock", conn, queues=limited)
+                rows += self.db.fetchall("claim_controlled", conn, queues=limited, limit=limit - len(rows),
+                                         consumer=consumer)
         rows.sort(key=lambda r: (-r["priority"], r["id"]))
-        return [(from_row(r), r["queue"]) for r in rows]
+        claimed = [(from_row(r), r["queue"]) for r in rows]
+        if telemetry.enabled("job.claimed"):
+            for r, (message, _) in zip(rows, claimed):
+                telemetry.emit("job.claimed", {"queue_time": r["queue_time"]}, {
+                    "job_id": r["id"], "task_id": message["headers"].get("id"),
+                    "task": message["headers"].get("task"), "queue": r["queue"], "attempt": r["attempt"],
+                    "consumer": consumer})
+        return claimed
 
     def take(self, queues: Sequence[str], limit: int) -> list[tuple[dict, str]]:
         """Like :meth:`claim` for consumers that never acknowledge: the rows are deleted
@@ -233,9 +262,12 @@ class JobEngine:
     def unregister_consumer(self, consumer: str) -> None:
         self.db.fetchall("consumer_unregister", id=consumer)
 
-    def rescue(self, after: float) -> dict[str, int]:
-        """Rescue executing jobs of processes silent for ``after`` seconds, or of closed connections."""
-        return self.db.fetchone("rescue", after=after)
+    def rescue(self, after: float, wait: bool = False) -> dict[str, int] | None:
+        """Rescue executing jobs of processes silent for ``after`` seconds, or of closed
+        connections (up to ``rescue_batch_size``); None when another process holds the
+        rescue lock (it is rescuing), unless ``wait``."""
+        row = self.db.fetchone("rescue", after=after, batch=self.db.options.rescue_batch_size, wait=wait)
+        return row if row["leader"] else None
 
     # -- queues ------------------------------------------------------------------------------------
 
@@ -306,6 +338,61 @@ class JobEngine:
         rows = self.db.fetchall("jobs_cancel", task_ids=list(task_ids), by=by, running=running)
         return [r["task_id"] for r in rows if r["cancelled"]]
 
+    def cancel_where(self, by: str, batch: int = 1000, **where: Any) -> Iterator[list[str]]:
+        """Cancel not yet started jobs matching ``where`` (:func:`job_filter`), a batch
+        per transaction; yields the task ids (None for plain messages) of each batch."""
+        while True:
+            rows = self.db.fetchall("jobs_cancel_where", by=by, batch=batch, **job_filter(**where))
+            if not rows:
+                return
+            yield [r["task_id"] for r in rows]
+
+    def executing_task_ids(self, **where: Any) -> list[str]:
+        """Celery task ids of executing jobs matching ``where``."""
+        return [r["task_id"] for r in self.db.fetchall("jobs_executing_where", **job_filter(**where))]
+
+    def count_jobs(self, **where: Any) -> int:
+        return self.db.fetchone("jobs_count", **job_filter(**where))["n"]
+
+    def list_jobs(self, limit: int = 50, before: int | None = None, **where: Any) -> list[Job]:
+        """Matching jobs, newest first (``before``: only ids below it, for the next page)."""
+        rows = self.db.fetchall("jobs_list", limit=limit, before=before, **job_filter(**where))
+        return [Job.from_row(r) for r in rows]
+
+    def retry_jobs(self, task_ids: Sequence[str]) -> list[str]:
+        """Make discarded/cancelled jobs of these task ids available again; returns those retried."""
+        return [r["task_id"] for r in self.db.fetchall("jobs_retry", task_ids=list(task_ids))]
+
+    def queue_stats(self, queue: str | None = None) -> list[dict]:
+        return self.db.fetchall("queue_stats", queue=queue)
+
+    def set_queue(self, queue: str, paused: bool | None = None, concurrency: Any = _KEEP,
+                  rate: Any = _KEEP) -> dict:
+        """Set a queue's controls; ``concurrency``/``rate`` (``(limit, period seconds)``)
+        None removes that limit, and left out keeps it."""
+        limit, period = (None, None) if rate is _KEEP or rate is None else rate
+        row = self.db.fetchone("queue_control_set", queue=queue, paused=paused,
+                               concurrency=None if concurrency is _KEEP else concurrency,
+                               set_concurrency=concurrency is not _KEEP, rate_limit=limit, rate_period=period,
+                               set_rate=rate is not _KEEP)
+        self._controls = None
+        return row
+
+    def _controlled(self) -> frozenset[str]:
+        """Names of paused or limited queues, re-read at most every ``routing_cache_ttl``
+        seconds (a stale answer only sends a queue's claim the longer way: the plain
+        claim never takes from a controlled queue)."""
+        now = time.monotonic()
+        cached = self._controls
+        if cached is None or now >= cached[0]:
+            names = frozenset(r["name"] for r in self.db.fetchall("queues_controlled"))
+            cached = self._controls = (now + self.db.options.routing_cache_ttl, names)
+        return cached[1]
+
+    def consumers(self) -> list[dict]:
+        """Live consumer processes (workers) and what they consume."""
+        return self.db.fetchall("consumers_list")
+
     def queue_exists(self, queue: str) -> bool:
         return self.db.fetchone("queue_exists", queue=queue)["found"]
 
@@ -333,11 +420,6 @@ class JobEngine:
         rows = self.db.fetchall("jobs_scheduled_listing", consumer=consumer, queues=list(queues), limit=limit)
         return [from_row(r) for r in rows]
 
-    def recent_jobs(self, queue: str | None = None, limit: int = 20) -> list[Job]:
-        return [Job.from_row(r) for r in self.db.fetchall("jobs_recent", queue=queue, limit=limit)]
-
-    def state_counts(self) -> list[dict]:
-        return self.db.fetchall("state_counts")
 
 
 class Settler:
@@ -423,6 +505,29 @@ class Settler:
                 self._pending -= len(batch)
                 if not self._pending:
                     self._idle.notify_all()
+
+
+def job_filter(states: Sequence[str] | None = None, queue: str | None = None, task: str | None = None,
+               meta: dict | None = None, task_ids: Sequence[str] | None = None) -> dict:
+    """The parameters of the ``job_filter`` SQL fragment; None matches everything.
+    An unknown state name raises :class:`~pgbroker.errors.InvalidState`."""
+    if states is not None:
+        states = [states] if isinstance(states, str) else list(states)
+        bad = [s for s in states if s not in JobState._value2member_map_]
+        if bad:
+            raise InvalidState(f"unknown job state(s) {bad}; states are {[s.value for s in JobState]}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict to match job metadata against, got {meta!r}")
+    return {"states": states, "queue": queue, "task": task, "meta": json.dumps(meta) if meta is not None else None,
+            "task_ids": list(task_ids) if task_ids is not None else None}
+
+
+def _enqueued(rows: Sequence[Row], duplicates: Sequence[bool]) -> None:
+    """Emit ``job.enqueued`` for stored rows (nothing to build when nobody listens)."""
+    if telemetry.enabled("job.enqueued"):
+        for row, duplicate in zip(rows, duplicates):
+            telemetry.emit("job.enqueued", {"size": len(row.body)}, {
+                "queue": row.queue, "task": row.task, "task_id": row.task_id, "unique_duplicate": duplicate})
 
 
 def _not_unique(row: Row) -> Row:

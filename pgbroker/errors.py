@@ -31,6 +31,15 @@ class InvalidUnique(ConfigurationError):
     """A ``unique`` spec pgbroker cannot apply (unknown field or state, bad period)."""
 
 
+class InvalidJobOption(ConfigurationError):
+    """A per-call or per-task job option pgbroker cannot apply (``max_attempts``, ``meta``,
+    ``retry_backoff``…), or a queue control it cannot set (a rate limit of 0)."""
+
+
+class InvalidState(PgBrokerError, ValueError):
+    """A job state name that is not one of :class:`pgbroker.JobState`."""
+
+
 class InvalidSnooze(PgBrokerError, ValueError):
     """``Snooze`` was given something other than a number of seconds >= 0."""
 

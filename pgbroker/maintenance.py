@@ -3,9 +3,14 @@
 One :class:`Maintainer` per process and database: it registers this process as a
 consumer with the list of its open broker connections and the queues they consume,
 heartbeats, and on each tick stages due scheduled jobs; with each heartbeat it
-rescues the jobs of dead consumers and sweeps expired queues. Every step is a single idempotent statement using SKIP LOCKED,
-so any number of processes can run it at once without a leader; leadership
-would only save queries.
+sweeps expired queues. Staging and sweeping are single idempotent statements using
+SKIP LOCKED, which any number of processes can run at once.
+
+The leader-run services share one shape: an interval (``rescue_interval``,
+``prune_interval``), a batch limit (``rescue_batch_size``, ``prune_batch_size``), a
+transaction-scoped advisory lock per schema and service that only one process gets
+per run (the others skip that run), and a telemetry event per run (``jobs.rescued``,
+``jobs.pruned``).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import threading
 import time
 import uuid
 
+from . import telemetry
 from .engine import JobEngine
 
 logger = logging.getLogger(__name__)
@@ -86,7 +92,7 @@ class Maintainer:
         try:
             self.engine.settler.flush(timeout)
             self.engine.unregister_consumer(self.consumer_id)
-            self.engine.rescue(self.options.rescue_after)
+            self.engine.rescue(self.options.rescue_after, wait=True)  # this process's jobs, at once
         except Exception as exc:  # the database may be gone; the rescuer elsewhere will do it
             logger.warning("pgbroker: could not unregister consumer %s: %s", self.consumer_id, exc)
 
@@ -95,7 +101,7 @@ class Maintainer:
         self.engine.heartbeat(self.consumer_id, self.hostname, os.getpid(), sorted(self._connections), sorted(queues))
 
     def beat(self) -> None:
-        """Heartbeat, rescue the jobs of dead consumers, sweep expired queues."""
+        """Heartbeat and sweep expired queues."""
         with self._lock:
             self._beat()
         swept = self.engine.sweep_queues()
@@ -104,37 +110,50 @@ class Maintainer:
         if swept["discarded"]:
             logger.warning("pgbroker: %d task message(s) discarded: not delivered within their queue's "
                            "x-message-ttl", swept["discarded"])
+
+    def rescue(self) -> None:
+        """Take back the jobs of dead consumers and closed connections (one process at a time)."""
+        started = time.monotonic()
         rescued = self.engine.rescue(self.options.rescue_after)
+        if rescued is None:
+            return
         if rescued["redelivered"] or rescued["discarded"]:
             logger.warning(
                 "pgbroker: rescued jobs (%d dead consumer(s)): %d redelivered, %d discarded",
                 rescued["dead"], rescued["redelivered"], rescued["discarded"],
             )
+        telemetry.emit("jobs.rescued", {
+            "redelivered": rescued["redelivered"], "discarded": rescued["discarded"],
+            "dead_consumers": rescued["dead"], "duration": time.monotonic() - started}, {"consumer": self.consumer_id})
 
     def prune(self) -> None:
         """Delete finished jobs past their retention (one process at a time)."""
+        started = time.monotonic()
         pruned = self.engine.prune()
-        if pruned and any(pruned.values()):
+        if pruned is None:
+            return
+        if any(pruned.values()):
             logger.info("pgbroker: pruned %(completed)d completed, %(cancelled)d cancelled, %(discarded)d "
                         "discarded jobs and %(fires)d beat fires", pruned)
+        telemetry.emit("jobs.pruned", {**pruned, "duration": time.monotonic() - started}, {"consumer": self.consumer_id})
 
     def _run(self) -> None:
+        """Every duty on its own interval: heartbeat, rescue, prune; staging between them."""
         opts = self.options
-        next_beat = 0.0
-        next_prune = time.monotonic() + opts.prune_interval
+        duties = [(self.beat, opts.heartbeat_interval), (self.rescue, opts.rescue_interval or opts.heartbeat_interval),
+                  (self.prune, opts.prune_interval)]
+        due = [0.0, 0.0, time.monotonic() + opts.prune_interval]
         while not self._stop.is_set():
             try:
-                if time.monotonic() >= next_beat:
-                    self.beat()
-                    next_beat = time.monotonic() + opts.heartbeat_interval
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + opts.prune_interval
-                    self.prune()
+                for i, (duty, interval) in enumerate(duties):
+                    if time.monotonic() >= due[i]:
+                        due[i] = time.monotonic() + interval
+                        duty()
                 self.engine.stage()
-                due = self.engine.next_due()
-                wait = min(opts.polling_interval, next_beat - time.monotonic())
-                if due is not None:
-                    wait = min(wait, due)
+                next_due = self.engine.next_due()
+                wait = min(opts.polling_interval, min(due) - time.monotonic())
+                if next_due is not None:
+                    wait = min(wait, next_due)
             except Exception as exc:
                 logger.warning("pgbroker: maintenance failed (%s); retrying", exc)
                 wait = 1.0

@@ -17,7 +17,7 @@ from typing import Any
 from kombu.utils.json import dumps, loads
 
 from .config import validate_name
-from .errors import InvalidMessage, InvalidUnique, MessageTooLarge
+from .errors import InvalidJobOption, InvalidMessage, InvalidUnique, MessageTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +118,10 @@ def to_row(queue: str, message: dict, max_size: int) -> Row:
         raise InvalidMessage("message headers/properties contain a NUL character")
     task_id = headers.get("id")
     task = headers.get("task")
+    invalid = headers.get("pgbroker_invalid")
+    if isinstance(invalid, dict):  # the publish hook refused a per-call option
+        raise (InvalidUnique if invalid.get("error") == "InvalidUnique" else InvalidJobOption)(invalid.get("message"))
     unique = headers.get("pgbroker_unique")
-    if isinstance(unique, dict) and "invalid" in unique:
-        raise InvalidUnique(unique["invalid"])
     if unique is not None and not (isinstance(unique, dict) and isinstance(unique.get("key"), str)):
         raise InvalidMessage(f"header pgbroker_unique must be an object with a string key, got {unique!r}")
     return Row(
@@ -145,12 +146,14 @@ def from_row(row: dict) -> dict:
 
     ``delivery_tag`` is unique per delivery (``<job id>.<attempt>``); the job id and
     attempt also travel in ``delivery_info`` for acks, and in the
-    ``pgbroker_job`` header so that Celery's pool processes can report the outcome.
+    ``pgbroker_job`` header so that Celery's pool processes can report the outcome (and
+    ``pgbroker_queue`` names the queue it was claimed from).
     """
     headers = loads(row["headers"])
     properties = loads(row["properties"])
     job = [row["id"], row["attempt"]]
     headers["pgbroker_job"] = job
+    headers["pgbroker_queue"] = row["queue"]
     properties["delivery_tag"] = f"{row['id']}.{row['attempt']}"
     delivery_info = properties.setdefault("delivery_info", {})
     delivery_info.update(redelivered=bool(row["redelivered"]), pgbroker_job=job)

@@ -30,7 +30,8 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 
 from .config import Options, conninfo_from_url, mask_url, validate_name
 from .db import Database, Listener
-from . import unique as _unique
+from . import telemetry
+from . import task as _task
 from .engine import JobEngine, Outcome, engine_for, error_entry
 from .errors import CONNECTION_ERRORS
 from .maintenance import maintainer_for
@@ -367,6 +368,11 @@ class Channel(virtual.Channel):
         job_id, attempt = message.delivery_info["pgbroker_job"]
         entry = error_entry(attempt, error) if error else None
         self.engine.settler.submit(Outcome(job_id, attempt, op, entry))
+        if op == "discarded" and telemetry.enabled("job.discarded"):
+            headers = message.headers or {}
+            telemetry.emit("job.discarded", {}, {
+                "job_id": job_id, "task_id": headers.get("id"), "task": headers.get("task"),
+                "queue": headers.get("pgbroker_queue"), "attempt": attempt, "reason": error})
         if self._blocked:  # prefetch room was freed for a consumer that had none
             self.connection.wake()
 
@@ -400,7 +406,7 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs):
         self.options = Options.from_mapping(client.transport_options)
         client.transport_options.setdefault("polling_interval", self.options.polling_interval)
-        _unique.install()  # apply_async(unique=...) and @app.task(unique=...)
+        _task.install()  # apply_async(unique=..., max_attempts=..., meta=...) and task options
         super().__init__(client, **kwargs)
         self.database = Database.get(conninfo_from_url(client.hostname), self.options)
         self.engine = engine_for(self.database)

@@ -57,6 +57,9 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
     #: Who or what cancelled the job (a remote-control revoke names its host and pid).
     cancelled_by: str | None = None
+    #: How many times it may run in all (the ``max_attempts`` option, or the task's
+    #: ``max_retries + 1``); None when unknown.
+    max_attempts: int | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Job":

@@ -17,8 +17,9 @@ Per call, ``task.apply_async(args, unique={...})``; per task, ``@app.task(unique
 
 A publish whose key is held stores nothing. Its ``AsyncResult`` id names no job:
 :func:`duplicate_of` gives the task id of the job holding the key, and tasks with
-``base=pgbroker.unique.Task`` return that job's ``AsyncResult`` from ``apply_async``
+``base=pgbroker.Task`` return that job's ``AsyncResult`` from ``apply_async``
 directly (``result.duplicate`` is True). A Celery retry keeps its job's key.
+The publish hook is :mod:`pgbroker.task`'s.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Any
 
 from .errors import InvalidUnique
 
-__all__ = ["InvalidUnique", "DEFAULT_STATES", "unique_header", "duplicate_of", "install"]
+__all__ = ["InvalidUnique", "DEFAULT_STATES", "unique_header", "duplicate_of"]
 
 FIELDS = ("task", "queue", "args", "kwargs")
 DEFAULT_FIELDS = ("task", "args", "kwargs")
@@ -40,7 +41,6 @@ _REMEMBERED = 10_000
 
 _duplicates: "OrderedDict[str, str]" = OrderedDict()
 _lock = threading.Lock()
-_installed = False
 
 
 def _spec(spec: Any) -> dict:
@@ -98,61 +98,9 @@ def duplicate_of(task_id: str) -> str | None:
         return _duplicates.get(task_id)
 
 
-def _before_publish(sender=None, body=None, headers=None, properties=None, routing_key=None, **_):
-    """Celery's ``before_task_publish``: turn a ``unique`` option into the header."""
-    spec = properties.pop("unique", None) if properties is not None else None
-    if spec is None:
-        from celery import current_app
-
-        task = current_app.tasks.get(sender) if sender else None
-        spec = getattr(task, "unique", None)
-    if spec is None or spec is False or headers is None or headers.get("retries"):
-        return
-    if isinstance(body, (tuple, list)) and len(body) == 3:
-        args, kwargs = body[0], body[1]
-    else:  # protocol 1
-        args, kwargs = (body or {}).get("args"), (body or {}).get("kwargs")
-    try:
-        headers["pgbroker_unique"] = unique_header(spec, sender, routing_key, args, kwargs)
-    except InvalidUnique as exc:
-        # Celery logs and swallows a signal handler's error; the transport raises this
-        # one at publish instead, so the caller sees it.
-        headers["pgbroker_unique"] = {"invalid": str(exc)}
-
-
-def install() -> None:
-    """Connect the publish hook (idempotent; done when the transport loads)."""
-    global _installed
-    if _installed:
-        return
-    from celery import signals
-
-    signals.before_task_publish.connect(_before_publish, weak=False)
-    _installed = True
-
-
-def _task_base():
-    from celery import Task as CeleryTask
-
-    class Task(CeleryTask):
-        """A Celery task whose ``apply_async`` returns the holder's result for a duplicate."""
-
-        def apply_async(self, *args, **kwargs):
-            result = super().apply_async(*args, **kwargs)
-            holder = duplicate_of(result.id)
-            if holder is None:
-                result.duplicate = False
-                return result
-            existing = self.AsyncResult(holder)
-            existing.duplicate = True
-            return existing
-
-    Task.__module__ = __name__
-    return Task
-
-
 def __getattr__(name: str):
-    if name == "Task":  # built on first use, so importing this module does not import celery
-        task = globals()["Task"] = _task_base()
-        return task
+    if name == "Task":  # pgbroker.Task (built on first use, so that importing this module does not import celery)
+        from . import task
+
+        return task.Task
     raise AttributeError(name)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
+from datetime import datetime, timezone
 from typing import Any
 
 from celery import bootsteps, signals
@@ -32,6 +34,7 @@ from kombu import Connection
 from kombu.serialization import prepare_accept_content
 from kombu.transport import resolve_transport
 
+from . import telemetry
 from .db import database_for
 from .errors import InvalidSnooze
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
@@ -91,6 +94,38 @@ def _job_of(request) -> tuple[int, int] | None:
     return int(job[0]), int(job[1])
 
 
+_started: dict[str, float] = {}  # task id -> monotonic start, for the durations of failures
+
+
+def _job_event(name: str, task, request, measurements: dict, **extra) -> None:
+    """Emit a job telemetry event of a task run (``task_id``/``task`` from the request)."""
+    if not telemetry.enabled(name):
+        return
+    job = _job_of(request) or (None, None)
+    getter = request.get if isinstance(request, dict) else (lambda k: getattr(request, k, None))
+    telemetry.emit(name, measurements, {
+        "job_id": job[0], "task_id": getter("id"), "task": getattr(task, "name", None) or getter("task"),
+        "queue": getter("pgbroker_queue"), "attempt": job[1],
+        "worker": getter("hostname"), **extra})
+
+
+def _duration(task_id) -> float | None:
+    started = _started.pop(task_id, None)
+    return None if started is None else time.monotonic() - started
+
+
+@signals.task_prerun.connect
+def _on_prerun(sender=None, task_id=None, task=None, **kwargs):
+    if task_id is not None and (telemetry.enabled("job.failed") or telemetry.enabled("job.started")):
+        _started[task_id] = time.monotonic()
+        _job_event("job.started", task, task.request, {})
+
+
+@signals.task_postrun.connect
+def _on_postrun(sender=None, task_id=None, **kwargs):
+    _started.pop(task_id, None)
+
+
 def _record(task, request, op: str, error: str | None = None, tb: str | None = None) -> None:
     app = getattr(task, "app", None)
     if app is None or id(app) not in _apps:
@@ -106,6 +141,7 @@ def _record(task, request, op: str, error: str | None = None, tb: str | None = N
 def _on_failure(sender=None, exception=None, einfo=None, **kwargs):
     text, tb = describe(exception, with_traceback=False)
     _record(sender, sender.request, "discarded", text, getattr(einfo, "traceback", None))
+    _job_event("job.failed", sender, sender.request, {"duration": _duration(sender.request.id)}, error=text)
 
 
 class Snooze(Retry):
@@ -129,11 +165,23 @@ def _on_retry(sender=None, request=None, reason=None, einfo=None, **kwargs):
         job = _job_of(request)
         if job is not None and id(getattr(sender, "app", None)) in _apps:
             _engine(sender.app).settler.submit(Outcome(job[0], job[1], "snoozed", delay=reason.seconds))
+        _job_event("job.snoozed", sender, request, {"delay": reason.seconds})
         return
     exc = getattr(reason, "exc", None) or reason  # celery.exceptions.Retry wraps the cause
     text = describe(exc, with_traceback=False)[0] if isinstance(exc, BaseException) else str(exc)
     when = reason.humanize() if hasattr(reason, "humanize") else "retrying"
     _record(sender, request, "error", f"{text} ({when})", getattr(einfo, "traceback", None))
+    _job_event("job.retried", sender, request, {"delay": _retry_delay(reason)}, error=text)
+
+
+def _retry_delay(reason) -> float | None:
+    """Seconds until the retry runs (Celery's Retry carries a countdown or an ETA)."""
+    when = getattr(reason, "when", None)
+    if isinstance(when, (int, float)):
+        return float(when)
+    if isinstance(when, datetime):
+        return (when - datetime.now(when.tzinfo or timezone.utc)).total_seconds()
+    return None
 
 
 @signals.task_revoked.connect
@@ -310,6 +358,9 @@ def _reporting_success(app, apply_async, gate: PoolGate | None = None):
         def callback(result, *a, **kw):
             if job is not None and not result[0]:
                 _engine(app).settler.submit(Outcome(job[0], job[1], "completed"))
+                if telemetry.enabled("job.completed"):
+                    request = dict(args[2], task=args[0], id=args[1])
+                    _job_event("job.completed", None, request, {"duration": result[2]})
             if done is not None:
                 done()
             return on_result(result, *a, **kw) if on_result is not None else None

@@ -7,10 +7,10 @@
 -- The INSERT shared by every way of storing messages, from a relation `input`
 -- (its ON CONFLICT clause and RETURNING follow where it is used). Unique jobs take
 -- their key, states and period from the `pgbroker_unique` header; `pgbroker_meta`
--- becomes the job's meta.
+-- becomes the job's meta, `pgbroker_max_attempts` its attempt budget.
 INSERT INTO {schema}.jobs AS j (task_id, queue, task, state, priority, scheduled_at, expires_at,
                                headers, properties, body, content_type, content_encoding,
-                               unique_key, unique_states, unique_until, meta)
+                               unique_key, unique_states, unique_until, meta, max_attempts)
 SELECT task_id, queue, task,
        CASE WHEN scheduled_at > now() THEN
             CASE WHEN retry THEN 'retryable' ELSE 'scheduled' END
@@ -20,7 +20,7 @@ SELECT task_id, queue, task,
        headers->'pgbroker_unique'->>'key',
        ARRAY(SELECT jsonb_array_elements_text(headers->'pgbroker_unique'->'states'))::{schema}.job_state[],
        now() + make_interval(secs => (headers->'pgbroker_unique'->>'period')::float8),
-       coalesce(headers->'pgbroker_meta', '{}')
+       coalesce(headers->'pgbroker_meta', '{}'), (headers->>'pgbroker_max_attempts')::integer
 FROM input ORDER BY ord
 
 -- fragment: wake_inserted
@@ -99,37 +99,89 @@ WHERE unique_key = ANY(%(keys)s::text[])
 SELECT unique_key, id, task_id, state FROM {schema}.jobs WHERE unique_key = ANY(%(keys)s::text[]);
 
 -- fragment: pick_available
--- The first %(limit)s deliverable jobs of the given queues, in delivery order, locked.
--- Each queue is read through jobs_claim_idx in order (the LATERAL keeps the planner
--- on the index whatever the statistics say); SKIP LOCKED lets concurrent consumers
--- take disjoint batches; MATERIALIZED keeps the planner from re-running the LIMITed
--- subquery per row (which could touch more rows than asked for). The transaction's
--- commit need not wait for the WAL flush (set_config(..., true) lasts for it).
-WITH picked AS MATERIALIZED (
-    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(name)
+-- The first %(limit)s deliverable jobs of the queues `q` (name, room: the most to
+-- take from it), in delivery order, locked. Each queue is read through
+-- jobs_claim_idx in order (the LATERAL keeps the planner on the index whatever the
+-- statistics say); SKIP LOCKED lets concurrent consumers take disjoint batches;
+-- MATERIALIZED keeps the planner from re-running the LIMITed subquery per row (which
+-- could touch more rows than asked for). The transaction's commit need not wait for
+-- the WAL flush (set_config(..., true) lasts for it).
+picked AS MATERIALIZED (
+    SELECT c.id FROM q
     CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
     CROSS JOIN LATERAL (
         SELECT id, priority FROM {schema}.jobs
         WHERE state = 'available' AND queue = q.name
         ORDER BY priority DESC, id
-        LIMIT %(limit)s
+        LIMIT least(q.room, %(limit)s)
         FOR UPDATE SKIP LOCKED
     ) c
     ORDER BY c.priority DESC, c.id
     LIMIT %(limit)s
 )
 
+-- fragment: claim_picked
+-- Deliver the picked jobs to consumer %(consumer)s.
+claimed AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'executing', attempt = j.attempt + 1, attempted_at = statement_timestamp(),
+        attempted_by = %(consumer)s, acked = false
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
+              j.properties::text AS properties, j.body, j.content_type, j.content_encoding,
+              extract(epoch FROM statement_timestamp() - j.scheduled_at)::float8 AS queue_time
+)
+
 -- name: claim
 -- Take up to %(limit)s deliverable jobs of the given queues for one consumer, in
 -- delivery order, in one statement (its own transaction): a claim lost in a server
--- crash leaves its jobs available, delivered again later.
-{pick_available}
-UPDATE {schema}.jobs AS j
-SET state = 'executing', attempt = j.attempt + 1, attempted_at = now(),
-    attempted_by = %(consumer)s, acked = false
-FROM picked WHERE j.id = picked.id
-RETURNING j.id, j.attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
-          j.properties::text AS properties, j.body, j.content_type, j.content_encoding;
+-- crash leaves its jobs available, delivered again later. Paused and limited queues
+-- are left to claim_controlled (whatever this process believes about them).
+WITH q AS (
+    SELECT name, %(limit)s AS room FROM unnest(%(queues)s::text[]) AS u(name)
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.queues AS c WHERE c.name = u.name
+                      AND (c.paused OR c.concurrency IS NOT NULL OR c.rate_limit IS NOT NULL))
+), {pick_available}, {claim_picked}
+SELECT * FROM claimed;
+
+-- name: queues_controlled
+-- The queues whose claims go through claim_controlled.
+SELECT name FROM {schema}.queues WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL;
+
+-- name: queue_controls_lock
+-- Serialise the claims of limited queues (taken in name order: no deadlock). The
+-- claim that follows is another statement, so it sees every claim committed by the
+-- transactions this one waited for.
+SELECT name FROM {schema}.queues
+WHERE name = ANY(%(queues)s::text[]) AND NOT paused AND (concurrency IS NOT NULL OR rate_limit IS NOT NULL)
+ORDER BY name FOR UPDATE;
+
+-- name: claim_controlled
+-- The claim of paused or limited queues (after queue_controls_lock, same transaction):
+-- a paused queue gives nothing; a queue takes at most `concurrency` minus its
+-- executing jobs, and at most what is left of `rate_limit` in the current window;
+-- the window's count then grows by what was claimed.
+WITH q AS (
+    SELECT c.name, greatest(0, least(
+        coalesce(c.concurrency - (SELECT count(*) FROM {schema}.jobs AS x
+                                  WHERE x.state = 'executing' AND x.queue = c.name), %(limit)s),
+        coalesce(c.rate_limit - CASE WHEN c.rate_window = w.now THEN c.rate_count ELSE 0 END, %(limit)s)
+    ))::integer AS room
+    FROM {schema}.queues AS c
+    CROSS JOIN LATERAL (
+        SELECT floor(extract(epoch FROM statement_timestamp()) / c.rate_period)::bigint AS now
+    ) AS w
+    WHERE c.name = ANY(%(queues)s::text[]) AND NOT c.paused
+), {pick_available}, {claim_picked}, counted AS (
+    UPDATE {schema}.queues AS c SET
+        rate_count = n.claimed + CASE WHEN c.rate_window = floor(extract(epoch FROM statement_timestamp())
+                                                                 / c.rate_period)::bigint
+                                      THEN c.rate_count ELSE 0 END,
+        rate_window = floor(extract(epoch FROM statement_timestamp()) / c.rate_period)::bigint
+    FROM (SELECT queue, count(*) AS claimed FROM claimed GROUP BY queue) AS n
+    WHERE c.name = n.queue AND c.rate_limit IS NOT NULL
+)
+SELECT * FROM claimed;
 
 -- name: settle
 -- Record the outcome of deliveries, batched. Fenced by (id, attempt) and state:
@@ -227,9 +279,14 @@ DELETE FROM {schema}.consumers WHERE id = %(id)s;
 -- marked redelivered; one the worker had already acknowledged (early ack: at most
 -- once) and whose process died is discarded with the reason. Jobs of live
 -- connections stay theirs however long they are held.
-WITH dead AS (
+-- One process at a time (the schema's rescue lock; with %(wait)s it waits for it,
+-- else it reports leader = false), at most %(batch)s jobs per run.
+WITH leader AS (
+    SELECT CASE WHEN %(wait)s THEN (SELECT true FROM pg_advisory_xact_lock(hashtext({schema_name} || ':rescue')))
+                ELSE pg_try_advisory_xact_lock(hashtext({schema_name} || ':rescue')) END AS ok
+), dead AS (
     DELETE FROM {schema}.consumers
-    WHERE heartbeat_at < now() - make_interval(secs => %(after)s)
+    WHERE heartbeat_at < now() - make_interval(secs => %(after)s) AND (SELECT ok FROM leader)
     RETURNING id
 ), lost AS (
     SELECT j.id FROM {schema}.jobs AS j
@@ -238,6 +295,8 @@ WITH dead AS (
       AND (c.id IS NULL
            OR c.id IN (SELECT id FROM dead)
            OR (NOT j.acked AND NOT j.attempted_by = ANY(c.connections)))
+      AND (SELECT ok FROM leader)
+    LIMIT %(batch)s
     FOR UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE {schema}.jobs AS j SET
@@ -257,7 +316,7 @@ WITH dead AS (
         SELECT DISTINCT queue FROM rescued WHERE state = 'available'
     ) q
 )
-SELECT (SELECT count(*) FROM dead) AS dead,
+SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM rescued WHERE state = 'available') AS redelivered,
        (SELECT count(*) FROM rescued WHERE state = 'discarded') AS discarded,
        (SELECT count(*) FROM woke) AS woke;
@@ -293,14 +352,106 @@ DELETE FROM {schema}.queues WHERE name = %(queue)s;
 -- name: jobs_by_task_id
 SELECT * FROM {schema}.jobs WHERE task_id = ANY(%(task_ids)s::text[]) ORDER BY id;
 
--- name: jobs_recent
--- The newest jobs, optionally of one queue (for `pgbroker jobs` and the demo).
+-- fragment: job_filter
+-- The jobs an admin call selects: each NULL parameter matches everything.
+(%(states)s::text[] IS NULL OR state::text = ANY(%(states)s::text[]))
+AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+AND (%(task)s::text IS NULL OR task = %(task)s)
+AND (%(meta)s::jsonb IS NULL OR meta @> %(meta)s::jsonb)
+AND (%(task_ids)s::text[] IS NULL OR task_id = ANY(%(task_ids)s::text[]))
+
+-- name: jobs_list
+-- Jobs matching the filter, newest first, one page (keyset: ids below %(before)s).
 SELECT * FROM {schema}.jobs
-WHERE %(queue)s::text IS NULL OR queue = %(queue)s
+WHERE {job_filter} AND (%(before)s::bigint IS NULL OR id < %(before)s)
 ORDER BY id DESC LIMIT %(limit)s;
 
--- name: state_counts
-SELECT queue, state::text AS state, count(*) AS n FROM {schema}.jobs GROUP BY queue, state ORDER BY queue, state;
+-- name: jobs_count
+SELECT count(*) AS n FROM {schema}.jobs WHERE {job_filter};
+
+-- name: jobs_cancel_where
+-- Cancel up to %(batch)s matching jobs that have not started (available, scheduled,
+-- retryable). FOR UPDATE waits for a concurrent claim instead of skipping its rows:
+-- once it commits they are executing, no longer match, and the caller revokes them.
+WITH target AS (
+    SELECT id FROM {schema}.jobs
+    WHERE state IN ('available', 'scheduled', 'retryable') AND {job_filter}
+    ORDER BY id LIMIT %(batch)s
+    FOR UPDATE
+)
+UPDATE {schema}.jobs AS j SET state = 'cancelled', cancelled_at = now(), cancelled_by = %(by)s
+FROM target WHERE j.id = target.id AND j.state IN ('available', 'scheduled', 'retryable')
+RETURNING j.task_id;
+
+-- name: jobs_executing_where
+-- The Celery task ids of matching executing jobs (to be revoked).
+SELECT task_id FROM {schema}.jobs WHERE state = 'executing' AND task_id IS NOT NULL AND {job_filter};
+
+-- name: jobs_retry
+-- Run discarded or cancelled jobs once more, now: like Oban's retry, the attempt budget
+-- grows by one when it is spent; errors are kept, and meta.retried counts manual retries.
+WITH again AS (
+    UPDATE {schema}.jobs AS j SET
+        state = 'available', scheduled_at = now(), attempted_by = NULL, acked = false,
+        completed_at = NULL, discarded_at = NULL, cancelled_at = NULL, cancelled_by = NULL,
+        max_attempts = CASE WHEN j.max_attempts IS NULL THEN NULL ELSE greatest(j.max_attempts, j.attempt + 1) END,
+        meta = j.meta || jsonb_build_object('retried', coalesce((j.meta->>'retried')::int, 0) + 1)
+    WHERE j.task_id = ANY(%(task_ids)s::text[]) AND j.state IN ('discarded', 'cancelled')
+    RETURNING j.task_id, j.queue
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (SELECT DISTINCT queue FROM again) q
+)
+SELECT again.task_id FROM again, (SELECT count(*) FROM woke) w;
+
+-- name: testing_make_due
+-- pgbroker.testing's drain(with_scheduled=True): a queue's scheduled and retryable jobs are due now.
+UPDATE {schema}.jobs SET scheduled_at = now() WHERE queue = %(queue)s AND state IN ('scheduled', 'retryable')
+RETURNING id;
+
+-- name: queue_stats
+-- Per queue (declared or holding jobs): jobs per state, the age of the oldest
+-- available job (seconds), and its controls.
+WITH counts AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'available') AS available,
+           count(*) FILTER (WHERE state = 'scheduled') AS scheduled,
+           count(*) FILTER (WHERE state = 'executing') AS executing,
+           count(*) FILTER (WHERE state = 'retryable') AS retryable,
+           count(*) FILTER (WHERE state = 'completed') AS completed,
+           count(*) FILTER (WHERE state = 'discarded') AS discarded,
+           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+           extract(epoch FROM now() - min(scheduled_at) FILTER (WHERE state = 'available'))::float8
+               AS oldest_available
+    FROM {schema}.jobs GROUP BY queue
+)
+SELECT coalesce(c.queue, q.name) AS queue,
+       coalesce(c.available, 0) AS available, coalesce(c.scheduled, 0) AS scheduled,
+       coalesce(c.executing, 0) AS executing, coalesce(c.retryable, 0) AS retryable,
+       coalesce(c.completed, 0) AS completed, coalesce(c.discarded, 0) AS discarded,
+       coalesce(c.cancelled, 0) AS cancelled, c.oldest_available,
+       coalesce(q.paused, false) AS paused, q.concurrency, q.rate_limit, q.rate_period
+FROM counts AS c FULL JOIN {schema}.queues AS q ON q.name = c.queue
+WHERE %(queue)s::text IS NULL OR coalesce(c.queue, q.name) = %(queue)s
+ORDER BY 1;
+
+-- name: queue_control_set
+-- Set a queue's controls (the queue row is created if needed). Each NULL `set_*`
+-- leaves that control as it is.
+INSERT INTO {schema}.queues AS q (name, paused, concurrency, rate_limit, rate_period)
+VALUES (%(queue)s, coalesce(%(paused)s::boolean, false), %(concurrency)s::integer, %(rate_limit)s::integer,
+        %(rate_period)s::float8)
+ON CONFLICT (name) DO UPDATE SET
+    paused = coalesce(%(paused)s::boolean, q.paused),
+    concurrency = CASE WHEN %(set_concurrency)s THEN excluded.concurrency ELSE q.concurrency END,
+    rate_limit = CASE WHEN %(set_rate)s THEN excluded.rate_limit ELSE q.rate_limit END,
+    rate_period = CASE WHEN %(set_rate)s THEN excluded.rate_period ELSE q.rate_period END
+RETURNING name, paused, concurrency, rate_limit, rate_period;
+
+-- name: consumers_list
+-- Live consumer processes (workers), oldest first.
+SELECT id, hostname, pid, started_at, heartbeat_at, queues, cardinality(connections) AS connections,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS silent_for
+FROM {schema}.consumers ORDER BY started_at, id;
 
 -- name: result_set
 -- Store a result (or group meta) and wake whoever waits for it, on commit. With
@@ -394,7 +545,10 @@ SELECT current_database() AS database,
 -- the rows are deleted as they are delivered (at most once, as a broker does for
 -- no-ack consumers), so that this traffic leaves nothing behind. Messages older
 -- than their queue's x-message-ttl are deleted without being delivered (stale).
-{pick_available}
+-- Queue controls do not apply (they are for acknowledged deliveries: tasks).
+WITH q AS (
+    SELECT name, %(limit)s AS room FROM unnest(%(queues)s::text[]) AS u(name)
+), {pick_available}
 DELETE FROM {schema}.jobs AS j USING picked
 WHERE j.id = picked.id
 RETURNING j.id, j.attempt + 1 AS attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,

@@ -93,14 +93,14 @@ def test_priorities_are_clamped():
 
 
 def test_from_row_adds_the_delivery_identity():
-    row = {"id": 7, "attempt": 2, "redelivered": True, "headers": '{"id": "t"}',
+    row = {"id": 7, "attempt": 2, "queue": "q", "redelivered": True, "headers": '{"id": "t"}',
            "properties": '{"delivery_info": {"exchange": "celery"}}', "body": "e30=",
            "content_type": "application/json", "content_encoding": "utf-8"}
     payload = from_row(row)
     assert payload["properties"]["delivery_tag"] == "7.2"
     assert payload["properties"]["delivery_info"] == {"exchange": "celery", "redelivered": True,
                                                       "pgbroker_job": [7, 2]}
-    assert payload["headers"]["pgbroker_job"] == [7, 2]
+    assert payload["headers"]["pgbroker_job"] == [7, 2] and payload["headers"]["pgbroker_queue"] == "q"
 
 
 def test_url_scheme_resolves_without_importing_pgbroker():
