@@ -208,6 +208,36 @@ if os.environ.get("TEST_TRIGGERS") == "1":
         effect(f"item-{item_id}", f"on_error {trigger}: {error}")
 
 
+@app.task
+def busy(key, seconds):
+    """Work for ``seconds``, recording the start and the end."""
+    effect(key, "start")
+    time.sleep(seconds)
+    effect(key, "end")
+
+
+import pgbroker  # noqa: E402 - only this task and the telemetry log use pgbroker's API
+
+
+@app.task(bind=True, base=pgbroker.Task, max_retries=10)
+def retries_forever(self, key):
+    """Always asks for a retry: per-call max_attempts and retry_backoff decide when to stop."""
+    effect(key, "attempt")
+    raise self.retry(exc=RuntimeError(f"attempt {self.request.retries + 1} failed"))
+
+# Telemetry: every event of every process (workers, pool children, beats) as a JSON line.
+if os.environ.get("TELEMETRY_LOG"):
+    from pgbroker import telemetry
+
+    def _log_event(name, measurements, metadata):
+        line = json.dumps({"name": name, "measurements": dict(measurements), "metadata": dict(metadata),
+                           "pid": os.getpid()}, default=str)
+        with open(os.environ["TELEMETRY_LOG"], "a") as log:
+            log.write(line + "\n")
+
+    telemetry.subscribe(_log_event)
+
+
 @signals.worker_ready.connect
 def _ready(**kwargs):
     ready_dir = os.environ.get("TEST_READY_DIR")
