@@ -120,6 +120,7 @@ def run(url: str) -> int:
         show_results(shop, conninfo)
         show_remote_control(shop, conninfo)
         show_beat(shop, conninfo)
+        show_job_admin(shop)
         from pgbroker.maintenance import shutdown
 
         shutdown(shop.app.backend.db)  # before the embedded server stops
@@ -217,6 +218,26 @@ def show_beat(shop, conninfo: str) -> None:
         t.add_row(r["name"], str(r["fires"]), str(r["jobs"]), str(r["completed"]), f"{r['next_fire_at']:%Y-%m-%d %H:%M:%S}")
     console.print(t)
     console.print("Each fire is one row in beat_fires and one job: two beats, no duplicate.")
+
+
+def show_job_admin(shop) -> None:
+    """Queue controls and the job API: pause the queue, look at it, cancel a batch by its metadata."""
+    import pgbroker.jobs as jobs
+
+    jobs.pause(shop.app, "celery")
+    batch = [shop.add.apply_async((i, i), meta={"batch": "demo"}) for i in range(3)]
+    t = Table(title="pgbroker queues (the celery queue paused)")
+    for column in ("queue", "available", "scheduled", "executing", "completed", "discarded", "cancelled", "paused"):
+        t.add_column(column)
+    for q in jobs.queues(shop.app):
+        t.add_row(q["queue"], *(str(q[k]) for k in ("available", "scheduled", "executing", "completed", "discarded",
+                                                    "cancelled")), "yes" if q["paused"] else "")
+    console.print(t)
+    done = jobs.cancel(shop.app, meta={"batch": "demo"})
+    jobs.resume(shop.app, "celery")
+    states = sorted({jobs.get(shop.app, r.id).state.value for r in batch})
+    console.print(f"[bold]jobs.cancel(meta={{'batch': 'demo'}})[/] -> {done.cancelled} waiting jobs cancelled "
+                  f"{states}; queue resumed: add.delay(1, 2) -> {shop.add.delay(1, 2).get(timeout=30)}")
 
 
 if __name__ == "__main__":

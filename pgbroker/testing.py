@@ -82,7 +82,9 @@ class Sandbox:
     def __init__(self, url: str, schema: str):
         self.url = url
         self.schema = schema
-        self.broker_url = "pgbroker" + url[len("postgresql"):]
+        # A URL of its own (kombu pools connections by URL, whatever the transport options).
+        self.broker_url = "pgbroker" + url[len("postgresql"):] + ("&" if "?" in url else "?") + \
+            f"application_name=pgbroker_{schema}"
         self.transport_options = {"schema": schema, "polling_interval": 0.2}
         self.db = Database.get(url, Options.from_mapping(self.transport_options))
         self.db.ensure_ready()
@@ -91,12 +93,21 @@ class Sandbox:
     def configure(self, app) -> Any:
         """Point ``app``'s broker (and a pgbroker result backend) at this schema, in
         manual mode: publishing records jobs, and nothing runs them but :meth:`drain`.
-        Call it before the app first publishes. Returns ``app``."""
+        Connections the app pooled for an earlier broker are dropped. Returns ``app``."""
+        # What Celery's after-fork hook resets (its close() would also unregister the app).
+        if app._pool is not None:
+            app._pool.force_close_all()
+            app._pool = None
+        amqp = app.__dict__.get("amqp")
+        if amqp is not None:
+            amqp._producer_pool = None
         app.conf.update(broker_url=self.broker_url, task_always_eager=False,
                         broker_transport_options={**(app.conf.broker_transport_options or {}),
                                                   **self.transport_options})
         if str(app.conf.result_backend or "").startswith("pgbroker"):
             app.conf.update(result_backend=self.broker_url, result_backend_transport_options=self.transport_options)
+            app._backend_cache = None  # built again for this schema on first use
+            app._local.__dict__.pop("backend", None)
         return app
 
     # -- assertions -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ def test_demo_runs_to_completion(database_url):
     assert "{'demo@" in out.stdout and "waiting in Postgres: True" in out.stdout
     assert "cancelled" in out.stdout and "result state REVOKED" in out.stdout
     assert "two beats, no duplicate" in out.stdout and "│ report    │ 1     │ 1    │ 1 " in out.stdout
+    assert "-> 3 waiting jobs cancelled ['cancelled']; queue resumed: add.delay(1, 2) -> 3" in out.stdout
 
 
 def _example_env(database_url: str, schema: str, sql, tmp_path) -> dict:
@@ -140,3 +141,36 @@ def test_unique_and_snooze_example(worker_env, start_worker):
     assert f"is a duplicate of {first}" in out.stdout and "receipt: receipt for order-42" in out.stdout
     assert "ship_when_in_stock: shipped teapot" in out.stdout
     assert "completed, 3 deliveries, snoozed 2 times, 0 errors" in out.stdout
+
+
+def test_job_admin_example(worker_env, start_worker):
+    start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples", monitoring=True)
+    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
+    out = subprocess.run([sys.executable, "job_admin.py"], cwd=ROOT / "examples", env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "paused=True available=3 nightly=3" in out.stdout
+    assert "cancelled 3, revoked 0; states: ['cancelled']" in out.stdout and "after resume: 42" in out.stdout
+    assert "import_feed discarded after 2 attempts: ValueError: feed bad://feed is not valid XML" in out.stdout
+    assert "after the manual retry: 3 attempts, meta {'retried': 1}, 3 errors" in out.stdout
+    assert "limits: concurrency 2, rate 50/1s" in out.stdout and "sum under limits: 55" in out.stdout
+    assert "workers: 1, paused queues: []" in out.stdout
+
+
+def test_telemetry_example(worker_env):
+    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "telemetry.py"], cwd=ROOT / "examples", env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "results: ['hello ann', 'ok on retry']" in out.stdout
+    assert "job.retried    example.flaky" in out.stdout and "job.failed     example.broken" in out.stdout
+    assert "'pgbroker.job.completed': 2" in out.stdout and "'pgbroker.job.failed': 1" in out.stdout
+
+
+def test_testing_helpers_example(database_url):
+    env = {**os.environ, "PGBROKER_TEST_URL": database_url, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pgbroker.testing", "-p", "no:cacheprovider",
+                          "test_with_pgbroker.py"], cwd=ROOT / "examples", env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 passed" in out.stdout
