@@ -31,6 +31,7 @@ from celery.exceptions import TimeoutError
 from celery.result import AsyncResult, ResultSet, task_join_will_block
 from kombu.utils.encoding import bytes_to_str
 
+from . import telemetry
 from .config import Options, conninfo_from_url, mask_url
 from .db import Database
 from .errors import DatabaseUnavailable, ResultTooLarge
@@ -285,12 +286,16 @@ class ResultBackend(KeyValueStoreBackend):
         ``prune_interval`` seconds (:meth:`start_pruner`). Only one process at a time
         deletes: the others find the prune lock taken and return 0.
         """
-        total, batch = 0, self.options.prune_batch_size
+        total, counters, batch, started = 0, 0, self.options.prune_batch_size, time.monotonic()
         while True:
             row = self.db.fetchone("results_prune", batch=batch)
-            total += row["results"]
+            total, counters = total + row["results"], counters + row["counters"]
             if not row["leader"] or (row["results"] < batch and row["counters"] < batch):
-                return total
+                break
+        if row["leader"]:
+            telemetry.emit("results.pruned", {"results": total, "counters": counters,
+                                              "duration": time.monotonic() - started}, {"schema": self.db.options.schema})
+        return total
 
     def start_pruner(self) -> None:
         """Run :meth:`cleanup` every ``prune_interval`` seconds in a daemon thread (once per

@@ -20,8 +20,8 @@ Where events fire: ``job.enqueued`` in the publishing process; ``job.claimed`` i
 consuming process; ``job.started``, ``job.retried``, ``job.snoozed``, ``job.failed``
 in the process running the task (a prefork pool child: subscribe at import time of
 the app module so children inherit the handler); ``job.completed`` in the worker's
-main process; maintenance events (``jobs.rescued``, ``jobs.pruned``) in whichever
-worker ran them; ``beat.fired`` in the beat. :mod:`pgbroker.otel` bridges them all to
+main process; maintenance events (``jobs.rescued``, ``jobs.pruned``,
+``results.pruned``) in whichever worker ran them; ``beat.fired`` in the beat. :mod:`pgbroker.otel` bridges them all to
 OpenTelemetry metrics.
 """
 from __future__ import annotations
@@ -73,6 +73,8 @@ EVENTS: dict[str, Event] = {e.name: e for e in (
           ("redelivered", "discarded", "dead_consumers", "duration"), ("consumer",)),
     Event("jobs.pruned", "A prune run by the leader: finished jobs and beat fires deleted.",
           ("completed", "cancelled", "discarded", "fires", "duration"), ("consumer",)),
+    Event("results.pruned", "A result prune run by the leader: expired results and chord counters deleted.",
+          ("results", "counters", "duration"), ("schema",)),
     Event("beat.fired", "A beat entry fired and its task was published (once per fire, cluster-wide).",
           ("lateness",), ("entry", "task", "task_id", "fire_at")),
 )}

@@ -92,7 +92,7 @@ def test_per_call_max_attempts_and_backoff_in_a_worker(celery_app, start_worker,
 
 def test_every_catalogued_event_fires_with_its_keys(worker_env, celery_app, start_worker, start_beat, sql, tmp_path):
     log = tmp_path / "telemetry.jsonl"
-    overrides = {"TELEMETRY_LOG": str(log), "PRUNE_INTERVAL": "1",
+    overrides = {"TELEMETRY_LOG": str(log), "PRUNE_INTERVAL": "1", "RESULT_BACKEND": worker_env["BROKER_URL"],
                  "BEAT_SCHEDULE": json.dumps({"tick": {"task": "tests.apps.celeryapp.periodic", "schedule": 1.0,
                                                        "args": ["tick"]}})}
     m = celery_app
