@@ -133,6 +133,17 @@ def _failing_cleanly(fn):
     return run
 
 
+def _admin(group, name: str | None = None, json_output: bool = True):
+    """Register an admin command on ``group`` (``click`` itself for a top-level one):
+    --schema (and --json), the click context, pgbroker errors as CLI errors."""
+    def wrap(fn):
+        fn = click.pass_context(_failing_cleanly(fn))
+        if json_output:
+            fn = JSON_OPTION(fn)
+        return group.command(name)(SCHEMA_OPTION(fn))
+    return wrap
+
+
 def _job_dict(job) -> dict:
     from dataclasses import asdict
 
@@ -169,27 +180,22 @@ def _queues_group(get_url):
                    + (f"; {', '.join(x for x in limits if x)}" if any(limits) else ""))
 
     def control(name, help_text, apply):
-        @queues.command(name, help=help_text)
+        @_admin(queues, name, json_output=False)
         @click.argument("queue")
-        @SCHEMA_OPTION
-        @click.pass_context
-        @_failing_cleanly
         def command(ctx, queue, schema):
             api, engine = _api(get_url, ctx, schema)
             show(queue, apply(api, engine, queue))
+        command.help = help_text
         return command
 
     control("pause", "Stop every worker from starting QUEUE's jobs (persisted; running jobs finish).",
             lambda api, engine, queue: api.pause(engine, queue))
     control("resume", "Let workers start QUEUE's jobs again.", lambda api, engine, queue: api.resume(engine, queue))
 
-    @queues.command("limit")
+    @_admin(queues, "limit", json_output=False)
     @click.argument("queue")
     @click.option("--concurrency", default=None, help="Most executing jobs across all workers, or 'none'.")
     @click.option("--rate", default=None, help="Most jobs started per period: N/s, N/m, N/h, N/5s…, or 'none'.")
-    @SCHEMA_OPTION
-    @click.pass_context
-    @_failing_cleanly
     def limit(ctx, queue, concurrency, rate, schema):
         """Set QUEUE's cluster-wide limits (enforced in every worker's claim)."""
         if concurrency is None and rate is None:
@@ -213,8 +219,9 @@ def _int(text: str) -> int:
 
 
 def _jobs_group(get_url):
+    state_option = click.option("--state", "states", multiple=True,
+                                help=f"Job state (repeatable): {', '.join(STATES)}.")
     filters = [
-        click.option("--state", "states", multiple=True, help=f"Job state (repeatable): {', '.join(STATES)}."),
         click.option("--queue", default=None, help="Queue name."),
         click.option("--task", default=None, help="Celery task name."),
         click.option("--meta", "meta", multiple=True, help="key=value the job's meta must contain (repeatable)."),
@@ -229,14 +236,11 @@ def _jobs_group(get_url):
     def jobs():
         """Jobs: list, show, retry, cancel."""
 
-    @jobs.command("ls")
+    @_admin(jobs, "ls")
+    @state_option
     @with_filters
     @click.option("--limit", default=50, show_default=True, help="Most jobs shown (newest first).")
     @click.option("--before", type=int, default=None, help="Only job ids below this (next page).")
-    @SCHEMA_OPTION
-    @JSON_OPTION
-    @click.pass_context
-    @_failing_cleanly
     def ls(ctx, states, queue, task, meta, limit, before, schema, as_json):
         """List jobs matching the filters, newest first."""
         api, engine = _api(get_url, ctx, schema)
@@ -251,12 +255,8 @@ def _jobs_group(get_url):
                  f"{j.scheduled_at:%Y-%m-%d %H:%M:%S}", (j.errors[-1]["error"] if j.errors else "")[:60]]
                 for j in found], right=("id", "attempt"))
 
-    @jobs.command("show")
+    @_admin(jobs, "show")
     @click.argument("task_id")
-    @SCHEMA_OPTION
-    @JSON_OPTION
-    @click.pass_context
-    @_failing_cleanly
     def show(ctx, task_id, schema, as_json):
         """One job with its attempt history and errors."""
         api, engine = _api(get_url, ctx, schema)
@@ -273,12 +273,8 @@ def _jobs_group(get_url):
         _table("attempt history", ("attempt", "at", "error"), [[e.get("attempt"), e.get("at"), e.get("error")]
                                                                 for e in errors])
 
-    @jobs.command("retry")
+    @_admin(jobs, "retry")
     @click.argument("task_ids", nargs=-1, required=True)
-    @SCHEMA_OPTION
-    @JSON_OPTION
-    @click.pass_context
-    @_failing_cleanly
     def retry(ctx, task_ids, schema, as_json):
         """Run discarded or cancelled jobs once more, now."""
         api, engine = _api(get_url, ctx, schema)
@@ -290,19 +286,13 @@ def _jobs_group(get_url):
         click.echo(f"retried {len(retried)} job(s)" + (f"; not discarded or cancelled: {', '.join(skipped)}"
                                                          if skipped else ""))
 
-    @jobs.command("cancel")
+    @_admin(jobs, "cancel")
     @click.argument("task_ids", nargs=-1)
     @with_filters
     @click.option("--no-revoke", is_flag=True, help="Leave executing jobs running.")
-    @SCHEMA_OPTION
-    @JSON_OPTION
-    @click.pass_context
-    @_failing_cleanly
-    def cancel(ctx, task_ids, states, queue, task, meta, no_revoke, schema, as_json):
+    def cancel(ctx, task_ids, queue, task, meta, no_revoke, schema, as_json):
         """Cancel jobs by TASK_IDS and/or filters: waiting ones never start, executing
         ones are revoked (terminated) through Celery's remote control."""
-        if states:
-            raise click.UsageError("cancel takes no --state: it cancels waiting jobs and revokes executing ones")
         api, engine = _api(get_url, ctx, schema)
         where = dict(task_ids=list(task_ids) or None, queue=queue, task=task, meta=_meta_option(meta))
         if as_json:
@@ -323,11 +313,7 @@ def _jobs_group(get_url):
 
 
 def _status(get_url):
-    @click.command()
-    @SCHEMA_OPTION
-    @JSON_OPTION
-    @click.pass_context
-    @_failing_cleanly
+    @_admin(click, "status")
     def status(ctx, schema, as_json):
         """Database, schema version, live workers and job totals."""
         api, engine = _api(get_url, ctx, schema)

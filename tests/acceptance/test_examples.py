@@ -25,6 +25,15 @@ def test_demo_runs_to_completion(database_url):
     assert "-> 3 waiting jobs cancelled ['cancelled']; queue resumed: add.delay(1, 2) -> 3" in out.stdout
 
 
+def run_example(script: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` with ``env`` (examples/ and the repository on the path); it must succeed."""
+    out = subprocess.run([sys.executable, script], cwd=ROOT / "examples", text=True, capture_output=True,
+                         env={**os.environ, **env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)},
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
 def _example_env(database_url: str, schema: str, sql, tmp_path) -> dict:
     """The examples read DATABASE_URL; their own tables go to the test schema too."""
     sql("CREATE SCHEMA IF NOT EXISTS {schema}")
@@ -112,20 +121,14 @@ def test_django_app(database_url, schema, sql, tmp_path):
 
 def test_remote_control_example(worker_env, start_worker):
     start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples", monitoring=True)
-    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
-    out = subprocess.run([sys.executable, "remote_control.py"], cwd=ROOT / "examples", env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_example("remote_control.py", worker_env)
     assert "ping: [{'w1@" in out.stdout and "consumes ['celery']" in out.stdout
     assert out.stdout.count("succeeded -> ") == 3
     assert "job cancelled by 'celery remote control revoke from" in out.stdout and "result REVOKED" in out.stdout
 
 
 def test_beat_schedules_example(worker_env):
-    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "beat_schedules.py"], cwd=ROOT / "examples", env=env,
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_example("beat_schedules.py", worker_env, timeout=180)
     assert "20 paid orders shipped by trigger ship-paid-orders" in out.stdout
     assert "nightly-cleanup    cron 30 2 * * * (Europe/Paris)     enabled=True fires=1" in out.stdout
     assert "tick               every 0:00:02                      enabled=False" in out.stdout
@@ -133,10 +136,7 @@ def test_beat_schedules_example(worker_env):
 
 def test_unique_and_snooze_example(worker_env, start_worker):
     start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples")
-    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
-    out = subprocess.run([sys.executable, "unique_and_snooze.py"], cwd=ROOT / "examples", env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_example("unique_and_snooze.py", worker_env)
     first = out.stdout.split("first ", 1)[1].split(";", 1)[0]
     assert f"is a duplicate of {first}" in out.stdout and "receipt: receipt for order-42" in out.stdout
     assert "ship_when_in_stock: shipped teapot" in out.stdout
@@ -145,10 +145,7 @@ def test_unique_and_snooze_example(worker_env, start_worker):
 
 def test_job_admin_example(worker_env, start_worker):
     start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples", monitoring=True)
-    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)}
-    out = subprocess.run([sys.executable, "job_admin.py"], cwd=ROOT / "examples", env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_example("job_admin.py", worker_env)
     assert "paused=True available=3 nightly=3" in out.stdout
     assert "cancelled 3, revoked 0; states: ['cancelled']" in out.stdout and "after resume: 42" in out.stdout
     assert "import_feed discarded after 2 attempts: ValueError: feed bad://feed is not valid XML" in out.stdout
@@ -158,10 +155,7 @@ def test_job_admin_example(worker_env, start_worker):
 
 
 def test_telemetry_example(worker_env):
-    env = {**os.environ, **worker_env, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "telemetry.py"], cwd=ROOT / "examples", env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = run_example("telemetry.py", worker_env)
     assert "results: ['hello ann', 'ok on retry']" in out.stdout
     assert "job.retried    example.flaky" in out.stdout and "job.failed     example.broken" in out.stdout
     assert "'pgbroker.job.completed': 2" in out.stdout and "'pgbroker.job.failed': 1" in out.stdout
