@@ -94,11 +94,12 @@ class Cancelled:
 
 def cancel(source: Any, task_ids: Sequence[str] | None = None, queue: str | None = None, task: str | None = None,
            meta: dict | None = None, revoke: bool = True, by: str | None = None, schema: str | None = None,
-           progress: Callable[[int], None] | None = None) -> Cancelled:
+           progress: Callable[[int], None] | None = None, states: Sequence[str] | None = None) -> Cancelled:
     """Cancel jobs by task id and/or by queue, task name and metadata (at least one).
 
-    Available, scheduled and retryable jobs are cancelled for good, in batches (they
-    never start, whatever the workers do); ``progress(n)`` is called after each batch.
+    Available, scheduled and retryable jobs (or only those of ``states`` among them) are
+    cancelled for good, in batches (they never start, whatever the workers do);
+    ``progress(n)`` is called after each batch.
     Executing ones are revoked with ``terminate=True`` through Celery's remote control
     (the worker reports them cancelled) unless ``revoke=False``.
     """
@@ -111,7 +112,7 @@ def cancel(source: Any, task_ids: Sequence[str] | None = None, queue: str | None
              "task_ids": builtins.list(task_ids) if task_ids is not None else None}
     cancelled: builtins.list[str] = []
     total = 0
-    for batch in engine.cancel_where(by, **where):
+    for batch in engine.cancel_where(by, states=states, **where):
         total += len(batch)
         cancelled += [t for t in batch if t is not None]
         if progress is not None:
