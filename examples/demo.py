@@ -8,7 +8,9 @@ their job rows live in a table, runs a chord and a ``delay().get()`` through the
 Postgres result backend, asks the worker over remote control (ping, the schedule)
 and revokes a scheduled task for good. Two `celery beat -S pgbroker` processes run
 beside it: every periodic fire happens once, and an entry added and fired at run
-time reaches the worker. Then it stops them all and exits.
+time reaches the worker. The queue is paused and a batch cancelled by its metadata.
+Last, examples/storage_app.py runs storage jobs (process, version, cleanup) as
+different actors on a second worker. Then it stops them all and exits.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 SCHEMA = "pgbroker_demo"
+STORAGE_SCHEMA = "pgbroker_demo_storage"
 FINAL = {"completed", "discarded", "cancelled"}
 COLORS = {"available": "cyan", "scheduled": "blue", "executing": "yellow", "retryable": "magenta",
           "completed": "green", "discarded": "red", "cancelled": "grey50"}
@@ -74,8 +78,13 @@ def run(url: str) -> int:
     broker = "pgbroker://" + url.split("://", 1)[1]
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        conn.execute(f"DROP SCHEMA IF EXISTS {STORAGE_SCHEMA} CASCADE")
+    storage_root = tempfile.mkdtemp(prefix="pgbroker-demo-storage-")
     env = {**os.environ, "BROKER_URL": broker, "PGBROKER_SCHEMA": SCHEMA,
            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)])}
+    # storage_app: its tables and its jobs in a schema of their own (its workers answer no shop control)
+    storage_env = {**env, "DATABASE_URL": conninfo, "PGBROKER_SCHEMA": STORAGE_SCHEMA,
+                   "STORAGE_SCHEMA": STORAGE_SCHEMA, "STORAGE_ROOT": storage_root}
     os.environ.update(BROKER_URL=broker, PGBROKER_SCHEMA=SCHEMA)
 
     import shop  # the plain Celery app
@@ -85,6 +94,11 @@ def run(url: str) -> int:
         [sys.executable, "-m", "celery", "-A", "shop", "worker", "-P", "threads", "-c", "2", "-l", "warning",
          "-n", "demo@%h"],
         cwd=HERE, env=env, start_new_session=True,
+    )
+    storage_worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "storage_app", "worker", "-P", "threads", "-c", "4", "-l", "warning",
+         "-n", "storage@%h", "-Q", "storage_processing,storage_cleanup,storage_versioning,default"],
+        cwd=HERE, env=storage_env, start_new_session=True,
     )
     beats = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "shop", "beat", "-S", "pgbroker", "-l", "warning",
                                "--pidfile", ""], cwd=HERE, env=env, start_new_session=True) for _ in range(2)]
@@ -121,14 +135,15 @@ def run(url: str) -> int:
         show_remote_control(shop, conninfo)
         show_beat(shop, conninfo)
         show_job_admin(shop)
+        show_storage(storage_env)
         from pgbroker.maintenance import shutdown
 
         shutdown(shop.app.backend.db)  # before the embedded server stops
         return 0
     finally:
-        for proc in (worker, *beats):
+        for proc in (worker, storage_worker, *beats):
             proc.send_signal(signal.SIGTERM)
-        for proc in (worker, *beats):
+        for proc in (worker, storage_worker, *beats):
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -238,6 +253,16 @@ def show_job_admin(shop) -> None:
     states = sorted({jobs.get(shop.app, r.id).state.value for r in batch})
     console.print(f"[bold]jobs.cancel(meta={{'batch': 'demo'}})[/] -> {done.cancelled} waiting jobs cancelled "
                   f"{states}; queue resumed: add.delay(1, 2) -> {shop.add.delay(1, 2).get(timeout=30)}")
+
+
+def show_storage(env: dict) -> None:
+    """storage_tasks: resources created and versioned by different actors, run by a worker as those actors."""
+    console.print("[bold]storage_tasks[/] (examples/storage_app.py run):")
+    out = subprocess.run([sys.executable, "storage_app.py", "run"], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=120)
+    console.print(out.stdout.rstrip())
+    if out.returncode != 0:
+        raise SystemExit(f"storage_app.py failed:\n{out.stderr}")
 
 
 if __name__ == "__main__":

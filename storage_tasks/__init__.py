@@ -23,11 +23,11 @@ from typing import Any
 from .actors import ActorNotFound, ActorPersister, ActorRequired, Forbidden, Policy, StorageError, SystemActor
 from .backends import DiskBackend, GitBackend, PostgresBackend, StorageUnavailable
 from .models import ApiKey, AuditEntry, Grant, StorageResource, StorageVersion, User
-from .service import QUEUES, JobStatus, ResourceGone, Storage
+from .service import QUEUES, InvalidStorageOptions, JobStatus, ResourceGone, Storage
 
 __all__ = ["setup", "Storage", "process_storage_async", "cleanup_content_async", "create_version_async",
            "get_job_status", "cancel_jobs", "ActorNotFound", "ActorRequired", "Forbidden", "StorageError",
-           "StorageUnavailable", "ResourceGone", "SystemActor", "ActorPersister", "Policy", "JobStatus", "QUEUES",
+           "StorageUnavailable", "ResourceGone", "InvalidStorageOptions", "SystemActor", "ActorPersister", "Policy", "JobStatus", "QUEUES",
            "User", "ApiKey", "Grant", "StorageResource", "StorageVersion", "AuditEntry", "DiskBackend",
            "GitBackend", "PostgresBackend"]
 

@@ -57,6 +57,8 @@ class DiskBackend:
     """Files under ``root/<resource id>/``: ``current`` and ``versions/<key>``."""
 
     name = "disk"
+    #: ``storage_options`` this backend's ``store`` takes (anything else is refused when scheduling).
+    options: frozenset[str] = frozenset()
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -100,6 +102,8 @@ class GitBackend:
 
     name = "git"
     branch = "refs/heads/main"
+    #: ``message``: the commit message of the stored content (default "Store content").
+    options = frozenset({"message"})
 
     def __init__(self, root: str | os.PathLike, git: str = "git"):
         self.root = Path(root)
@@ -170,8 +174,8 @@ class GitBackend:
             return commit
 
     def store(self, resource_id: uuid.UUID, content: bytes, *, key: str, author: str, file_name: str = "content",
-              **_: str) -> str:
-        return self._commit(resource_id, _safe(file_name), content, key, "Store content", author)
+              message: str = "Store content", **_: str) -> str:
+        return self._commit(resource_id, _safe(file_name), content, key, message, author)
 
     def write_version(self, resource_id: uuid.UUID, content: bytes, *, key: str, name: str, message: str,
                       author: str, file_name: str = "content") -> str:
@@ -211,6 +215,7 @@ class PostgresBackend:
     write its own short transaction through ``engine``."""
 
     name = "postgres"
+    options: frozenset[str] = frozenset()
 
     def __init__(self, engine):
         self.engine = engine

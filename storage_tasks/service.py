@@ -44,6 +44,10 @@ class ResourceGone(StorageError):
     """The job's resource no longer exists."""
 
 
+class InvalidStorageOptions(StorageError, ValueError):
+    """``storage_options`` the resource's backend does not take."""
+
+
 @dataclass(frozen=True)
 class JobStatus:
     """A storage job as :meth:`Storage.get_job_status` reports it."""
@@ -62,7 +66,10 @@ class JobStatus:
     completed_at: datetime | None
     discarded_at: datetime | None
     cancelled_at: datetime | None
+    #: ``process``, ``cleanup`` or ``version``
     action: str | None
+    #: the actor the job runs as, as stored (``{"type": "user", "id": 7}``…)
+    actor: dict | None
 
 
 class Storage:
@@ -139,7 +146,12 @@ class Storage:
 
     def process_storage_async(self, resource: StorageResource, content: str | bytes,
                               storage_options: dict | None = None, actor: Any = None, delay: float | None = None):
-        """Store ``content`` as the resource's current content, in the background."""
+        """Store ``content`` as the resource's current content, in the background.
+        ``storage_options`` go to the backend (git: ``message``); others are refused."""
+        unknown = set(storage_options or {}) - self.backends[resource.backend].options
+        if unknown:
+            raise InvalidStorageOptions(f"{resource.backend} backend takes no storage option(s) {sorted(unknown)}; "
+                                        f"it takes {sorted(self.backends[resource.backend].options)}")
         return self._schedule(resource, actor, "process", self.process_task, "storage_processing", delay,
                               content=content, storage_options=storage_options or {})
 
@@ -194,7 +206,7 @@ class Storage:
         found = pgjobs.list(self.app, meta={"storage_resource": str(_id(resource))}, limit=1000)
         return [JobStatus(j.id, j.task_id, j.queue, j.task, j.state.value, j.attempt, j.max_attempts, j.errors,
                           j.inserted_at, j.scheduled_at, j.attempted_at, j.completed_at, j.discarded_at,
-                          j.cancelled_at, j.meta.get("action")) for j in found]
+                          j.cancelled_at, j.meta.get("action"), j.meta.get("actor")) for j in found]
 
     def cancel_jobs(self, resource: StorageResource | uuid.UUID | str) -> int:
         """Cancel the resource's available and scheduled jobs (running ones finish); the count."""
@@ -250,7 +262,7 @@ class Storage:
             data = self._content(content)
             backend = self.backends[resource.backend]
             ref = backend.store(resource.id, data, key=task.request.id, author=describe(actor),
-                                file_name=resource.file_name)
+                                file_name=resource.file_name, **storage_options)
             digest = hashlib.sha256(data).hexdigest()
             with Session(self.engine) as session, session.begin():
                 session.execute(update(StorageResource).where(StorageResource.id == resource.id).values(

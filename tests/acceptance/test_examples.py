@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import uuid
 import subprocess
 import sys
 
+import psycopg
 import pytest
 
 from tests.helpers import ROOT, Worker, wait_for
@@ -23,11 +25,12 @@ def test_demo_runs_to_completion(database_url):
     assert "cancelled" in out.stdout and "result state REVOKED" in out.stdout
     assert "two beats, no duplicate" in out.stdout and "│ report    │ 1     │ 1    │ 1 " in out.stdout
     assert "-> 3 waiting jobs cancelled ['cancelled']; queue resumed: add.delay(1, 2) -> 3" in out.stdout
+    assert "git log of notes.md: Bob's edits by Bob <bob@example.com>" in out.stdout
 
 
-def run_example(script: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_example(script: str, env: dict, timeout: float = 120, args=()) -> subprocess.CompletedProcess:
     """Run ``examples/<script>`` with ``env`` (examples/ and the repository on the path); it must succeed."""
-    out = subprocess.run([sys.executable, script], cwd=ROOT / "examples", text=True, capture_output=True,
+    out = subprocess.run([sys.executable, script, *args], cwd=ROOT / "examples", text=True, capture_output=True,
                          env={**os.environ, **env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)},
                          timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -168,3 +171,22 @@ def test_testing_helpers_example(database_url):
                          timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "3 passed" in out.stdout
+
+
+def test_storage_example(worker_env, database_url, start_worker, tmp_path):
+    schema = "st_" + uuid.uuid4().hex[:10]
+    env = {**worker_env, "DATABASE_URL": database_url, "STORAGE_SCHEMA": schema,
+           "STORAGE_ROOT": str(tmp_path / "files")}
+    try:
+        start_worker(name="storage", app="storage_app", pool="threads", concurrency=4, cwd=ROOT / "examples",
+                     queues="storage_processing,storage_cleanup,storage_versioning,default",
+                     overrides={**env, "PYTHONPATH": str(ROOT / "examples") + os.pathsep + str(ROOT)})
+        out = run_example("storage_app.py", env, args=["run"]).stdout
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    assert "refused at once: Bob <bob@example.com> may not version 'notes.md'" in out
+    assert "cancelled 1 waiting job(s) of data.csv" in out
+    assert ("git log of notes.md: Bob's edits by Bob <bob@example.com>; Second draft by Ann <ann@example.com>; "
+            "Store content by Ann <ann@example.com>") in out
+    assert out.count("completed") == 6 and "│ cancelled │" in out and "audit log: 6 background actions" in out

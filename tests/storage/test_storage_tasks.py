@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 import pgbroker.jobs as pgjobs
 from pgbroker.testing import sandbox
-from storage_tasks import (ActorRequired, ApiKey, AuditEntry, Forbidden, Grant, Storage,
+from storage_tasks import (ActorRequired, InvalidStorageOptions, ApiKey, AuditEntry, Forbidden, Grant, Storage,
                            StorageResource, StorageVersion, SystemActor, User)
 from storage_tasks.actors import ActorPersister
 from storage_tasks.models import StagedContent
@@ -254,3 +254,14 @@ def test_queues_have_their_concurrency(env):
     storage, box, engine, users = env
     limits = {q["queue"]: q["concurrency"] for q in pgjobs.queues(storage.app)}
     assert limits == {"default": 10, "storage_processing": 5, "storage_cleanup": 3, "storage_versioning": 2}
+
+
+def test_storage_options_reach_the_backend_and_bad_ones_are_refused(env):
+    storage, box, engine, users = env
+    doc = create(storage, engine, users["ann"])
+    storage.process_storage_async(doc, "# Rewritten\n", storage_options={"message": "Rewrite"}, actor=users["ann"])
+    drain_all(storage, box)
+    assert storage.backends["git"].log(doc.id)[0]["subject"] == "Rewrite"
+    with pytest.raises(InvalidStorageOptions, match="compression"):
+        storage.process_storage_async(doc, "x", storage_options={"compression": True}, actor=users["ann"])
+    box.refute_enqueued(task="storage_tasks.process")
