@@ -170,9 +170,12 @@ class Storage:
                   content: str | bytes | None = None, **kwargs: Any):
         session = Session.object_session(resource)
         owned = session is None
-        if owned:
-            session = Session(self.engine)
-            resource = session.merge(resource)
+        if owned:  # a detached resource: read it again (merging its stale state would write it back)
+            rid, session = _id(resource), Session(self.engine)
+            resource = session.get(StorageResource, rid)
+            if resource is None:
+                session.close()
+                raise ResourceGone(f"storage resource {rid} no longer exists")
         try:
             self.policy.check(actor, resource, session, action)
             stored_actor = self.persister.store(actor)

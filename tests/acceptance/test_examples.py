@@ -190,3 +190,4 @@ def test_storage_example(worker_env, database_url, start_worker, tmp_path):
     assert ("git log of notes.md: Bob's edits by Bob <bob@example.com>; Second draft by Ann <ann@example.com>; "
             "Store content by Ann <ann@example.com>") in out
     assert out.count("completed") == 6 and "│ cancelled │" in out and "audit log: 6 background actions" in out
+    assert out.count("│ ready  │") == 7  # every resource's content stored (the cancelled cleanup never ran)
