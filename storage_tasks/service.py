@@ -131,12 +131,16 @@ class Storage:
         return resource
 
     def update_resource(self, resource: StorageResource, content: str | bytes, actor: Any) -> Any:
-        """Schedule new content for ``resource`` (the actor must may write it)."""
+        """Schedule new content for ``resource`` (the actor must be allowed to write it)."""
         return self.process_storage_async(resource, content, actor=actor)
 
     def destroy_resource(self, resource: StorageResource, actor: Any, delay: float | None = None) -> Any:
-        """Mark ``resource`` deleted and schedule the cleanup of its content, together."""
+        """Mark ``resource`` deleted and schedule the cleanup of its content, together, in
+        the transaction of the session ``resource`` belongs to."""
         session = Session.object_session(resource)
+        if session is None:
+            raise StorageError("destroy_resource needs a resource of an open session: the deletion and its "
+                               "cleanup job commit together")
         self.policy.check(actor, resource, session, "destroy")
         resource.status, resource.deleted_at = "deleted", datetime.now(timezone.utc)
         session.flush()
