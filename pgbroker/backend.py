@@ -34,6 +34,7 @@ from kombu.utils.encoding import bytes_to_str
 from . import telemetry
 from .config import Options, conninfo_from_url, mask_url
 from .db import Database
+from .engine import leader_params
 from .errors import DatabaseUnavailable, ResultTooLarge
 from .message import channel_name
 
@@ -279,16 +280,20 @@ class ResultBackend(KeyValueStoreBackend):
 
     # -- expiry ------------------------------------------------------------------------------------
 
-    def cleanup(self) -> int:
+    def cleanup(self, lease: float | None = None) -> int:
         """Delete expired results and chord counters, in batches; returns how many results.
 
         Celery's ``celery.backend_cleanup`` task calls this; workers also run it every
         ``prune_interval`` seconds (:meth:`start_pruner`). Only one process at a time
-        deletes: the others find the prune lock taken and return 0.
+        deletes: the others find the prune lock taken (or, with ``lease`` seconds, the
+        run of this interval taken) and return 0.
         """
         total, counters, batch, started = 0, 0, self.options.prune_batch_size, time.monotonic()
+        first = True
         while True:
-            row = self.db.fetchone("results_prune", batch=batch)
+            row = self.db.fetchone("results_prune", batch=batch,
+                                   **leader_params("prune-results", lease if first else None))
+            first = False
             total, counters = total + row["results"], counters + row["counters"]
             if not row["leader"] or (row["results"] < batch and row["counters"] < batch):
                 break
@@ -311,7 +316,7 @@ class ResultBackend(KeyValueStoreBackend):
     def _prune_until(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                removed = self.cleanup()
+                removed = self.cleanup(lease=self.options.prune_interval)
                 if removed:
                     logger.info("pgbroker: pruned %d expired results", removed)
             except Exception as exc:  # the next tick retries

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import queue as _queue
 import threading
 import time
@@ -169,14 +171,15 @@ class JobEngine:
         that locks their rows first, so their limits hold across every worker.
         """
         controlled = self._controlled()
-        plain = [q for q in queues if q not in controlled]
-        rows = self.db.fetchall("claim", queues=plain, limit=limit, consumer=consumer) if plain else []
         limited = [q for q in queues if q in controlled]
-        if limited and len(rows) < limit:
+        rows: list[dict] = []
+        if limited:  # first: their limits bound them, and a busy plain queue must not starve them
             with self.db.transaction() as conn:
                 self.db.fetchall("queue_controls_lock", conn, queues=limited)
-                rows += self.db.fetchall("claim_controlled", conn, queues=limited, limit=limit - len(rows),
-                                         consumer=consumer)
+                rows = self.db.fetchall("claim_controlled", conn, queues=limited, limit=limit, consumer=consumer)
+        plain = [q for q in queues if q not in controlled]
+        if plain and len(rows) < limit:
+            rows += self.db.fetchall("claim", queues=plain, limit=limit - len(rows), consumer=consumer)
         rows.sort(key=lambda r: (-r["priority"], r["id"]))
         claimed = [(from_row(r), r["queue"]) for r in rows]
         if telemetry.enabled("job.claimed"):
@@ -262,11 +265,13 @@ class JobEngine:
     def unregister_consumer(self, consumer: str) -> None:
         self.db.fetchall("consumer_unregister", id=consumer)
 
-    def rescue(self, after: float, wait: bool = False) -> dict[str, int] | None:
+    def rescue(self, after: float, wait: bool = False, lease: float | None = None) -> dict[str, int] | None:
         """Rescue executing jobs of processes silent for ``after`` seconds, or of closed
-        connections (up to ``rescue_batch_size``); None when another process holds the
-        rescue lock (it is rescuing), unless ``wait``."""
-        row = self.db.fetchone("rescue", after=after, batch=self.db.options.rescue_batch_size, wait=wait)
+        connections (up to ``rescue_batch_size``). None when this call is not the run's
+        leader: another process is rescuing, or (with ``lease`` seconds) ran it within
+        the interval. ``wait`` waits for a running rescue instead and needs no lease."""
+        row = self.db.fetchone("rescue", after=after, batch=self.db.options.rescue_batch_size,
+                               **leader_params("rescue", lease, wait))
         return row if row["leader"] else None
 
     # -- queues ------------------------------------------------------------------------------------
@@ -280,17 +285,19 @@ class JobEngine:
             expires=_seconds(arguments, "x-expires"), message_ttl=_seconds(arguments, "x-message-ttl"),
         )
 
-    def prune(self, rounds: int = 10) -> dict[str, int] | None:
+    def prune(self, rounds: int = 10, lease: float | None = None) -> dict[str, int] | None:
         """Delete finished jobs and beat fires past their retention (options
         ``prune_*_after``), up to ``rounds`` batches of ``prune_batch_size`` per state;
-        None when another process holds the prune lock (it is pruning)."""
+        None when this call is not the run's leader (another process is pruning, or with
+        ``lease`` seconds, ran it within the interval)."""
         o = self.db.options
         total = {"completed": 0, "cancelled": 0, "discarded": 0, "fires": 0}
         since: dict[str, Any] = {"since_completed": None, "since_cancelled": None, "since_discarded": None}
-        for _ in range(rounds):
+        for n in range(rounds):  # the lease is the first batch's; the next ones only need the lock
             row = self.db.fetchone("jobs_prune", batch=o.prune_batch_size, completed=o.prune_completed_after,
                                    cancelled=o.prune_cancelled_after, discarded=o.prune_discarded_after,
-                                   fires=o.prune_beat_fires_after, **since)
+                                   fires=o.prune_beat_fires_after, **since,
+                                   **leader_params("prune-jobs", lease if n == 0 else None))
             if not row["leader"]:
                 return None
             for key in total:
@@ -505,6 +512,14 @@ class Settler:
                 self._pending -= len(batch)
                 if not self._pending:
                     self._idle.notify_all()
+
+
+def leader_params(service: str, lease: float | None = None, wait: bool = False) -> dict:
+    """The parameters of the ``leader`` SQL fragment for one run of ``service``."""
+    return {"service": service, "lease": lease, "wait": wait, "who": _WHO}
+
+
+_WHO = f"{socket.gethostname()}/{os.getpid()}"
 
 
 def job_filter(states: Sequence[str] | None = None, queue: str | None = None, task: str | None = None,

@@ -8,9 +8,10 @@ SKIP LOCKED, which any number of processes can run at once.
 
 The leader-run services share one shape: an interval (``rescue_interval``,
 ``prune_interval``), a batch limit (``rescue_batch_size``, ``prune_batch_size``), a
-transaction-scoped advisory lock per schema and service that only one process gets
-per run (the others skip that run), and a telemetry event per run (``jobs.rescued``,
-``jobs.pruned``).
+leader per run (the service's row in ``services``, won by one process per interval
+with a conditional update, plus an advisory lock so that runs never overlap; the
+others skip), and a telemetry event per run (``jobs.rescued``, ``jobs.pruned``,
+``results.pruned``).
 """
 from __future__ import annotations
 
@@ -111,10 +112,14 @@ class Maintainer:
             logger.warning("pgbroker: %d task message(s) discarded: not delivered within their queue's "
                            "x-message-ttl", swept["discarded"])
 
+    @property
+    def _rescue_interval(self) -> float:
+        return self.options.rescue_interval or self.options.heartbeat_interval
+
     def rescue(self) -> None:
         """Take back the jobs of dead consumers and closed connections (one process at a time)."""
         started = time.monotonic()
-        rescued = self.engine.rescue(self.options.rescue_after)
+        rescued = self.engine.rescue(self.options.rescue_after, lease=self._rescue_interval)
         if rescued is None:
             return
         if rescued["redelivered"] or rescued["discarded"]:
@@ -129,7 +134,7 @@ class Maintainer:
     def prune(self) -> None:
         """Delete finished jobs past their retention (one process at a time)."""
         started = time.monotonic()
-        pruned = self.engine.prune()
+        pruned = self.engine.prune(lease=self.options.prune_interval)
         if pruned is None:
             return
         if any(pruned.values()):
@@ -140,7 +145,7 @@ class Maintainer:
     def _run(self) -> None:
         """Every duty on its own interval: heartbeat, rescue, prune; staging between them."""
         opts = self.options
-        duties = [(self.beat, opts.heartbeat_interval), (self.rescue, opts.rescue_interval or opts.heartbeat_interval),
+        duties = [(self.beat, opts.heartbeat_interval), (self.rescue, self._rescue_interval),
                   (self.prune, opts.prune_interval)]
         due = [0.0, 0.0, time.monotonic() + opts.prune_interval]
         while not self._stop.is_set():

@@ -109,17 +109,20 @@ def describe(actor: Any) -> str:
 
 class Policy:
     """Who may write a resource: the system; an admin; the owner; a user with a grant; an
-    API key with the ``storage:write`` scope whose user may; a generic actor with
-    ``{"role": "admin"}``. Nobody without an actor. Subclass to change it."""
+    unrevoked API key with the ``storage:write`` scope whose user may; a generic actor
+    with ``{"role": "admin"}``. Nobody without an actor, no deleted user. Subclass to
+    change it."""
 
     def may_write(self, actor: Any, resource: StorageResource, session: Session) -> bool:
         if isinstance(actor, SystemActor):
             return True
         if isinstance(actor, ApiKey):
-            if "storage:write" not in (actor.scopes or []):
+            if "storage:write" not in (actor.scopes or []) or actor.revoked_at is not None:
                 return False
             actor = session.get(User, actor.user_id)
         if isinstance(actor, User):
+            if actor.deleted_at is not None:
+                return False
             return actor.is_admin or actor.id == resource.owner_id or session.scalar(
                 select(Grant).where(Grant.resource_id == resource.id, Grant.user_id == actor.id)) is not None
         if isinstance(actor, dict):

@@ -131,8 +131,11 @@ class GitBackend:
         with open(self.root / f".{resource_id}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (repo / "HEAD").exists():
-                subprocess.run([self.git_bin, "init", "--quiet", "--bare", "--initial-branch=main", str(repo)],
-                               check=True, capture_output=True)
+                try:
+                    subprocess.run([self.git_bin, "init", "--quiet", "--bare", "--initial-branch=main", str(repo)],
+                                   check=True, capture_output=True, timeout=60)
+                except (OSError, subprocess.SubprocessError) as exc:
+                    raise StorageUnavailable(f"git init {repo} failed: {exc}") from exc
             yield repo
 
     def _head(self, repo: Path) -> str | None:
@@ -204,9 +207,8 @@ class GitBackend:
         repo = self.repo(resource_id)
         if not repo.exists():
             return False
-        with self._locked(resource_id):
+        with self._locked(resource_id):  # (the lock file stays: removing it would let two writers hold "the lock")
             shutil.rmtree(repo, ignore_errors=True)
-        (self.root / f".{resource_id}.lock").unlink(missing_ok=True)
         return True
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import func, select, update
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -152,10 +154,6 @@ class Storage:
                               storage_options: dict | None = None, actor: Any = None, delay: float | None = None):
         """Store ``content`` as the resource's current content, in the background.
         ``storage_options`` go to the backend (git: ``message``); others are refused."""
-        unknown = set(storage_options or {}) - self.backends[resource.backend].options
-        if unknown:
-            raise InvalidStorageOptions(f"{resource.backend} backend takes no storage option(s) {sorted(unknown)}; "
-                                        f"it takes {sorted(self.backends[resource.backend].options)}")
         return self._schedule(resource, actor, "process", self.process_task, "storage_processing", delay,
                               content=content, storage_options=storage_options or {})
 
@@ -174,13 +172,22 @@ class Storage:
                   content: str | bytes | None = None, **kwargs: Any):
         session = Session.object_session(resource)
         owned = session is None
-        if owned:  # a detached resource: read it again (merging its stale state would write it back)
-            rid, session = _id(resource), Session(self.engine)
-            resource = session.get(StorageResource, rid)
-            if resource is None:
-                session.close()
-                raise ResourceGone(f"storage resource {rid} no longer exists")
+        if owned:
+            session = Session(self.engine)
         try:
+            # A detached (maybe expired) resource or actor is read again in this session:
+            # merging its stale state would write it back.
+            rid = _id(resource)
+            resource, actor = _attached(session, resource), _attached(session, actor)
+            if resource is None:
+                raise ResourceGone(f"storage resource {rid} no longer exists")
+            if resource.status == "deleted" and action != "cleanup":
+                raise ResourceGone(f"storage resource {rid} was deleted")
+            options = kwargs.get("storage_options") or {}
+            unknown = set(options) - self.backends[resource.backend].options
+            if unknown:
+                raise InvalidStorageOptions(f"{resource.backend} backend takes no storage option(s) "
+                                            f"{sorted(unknown)}; it takes {sorted(self.backends[resource.backend].options)}")
             self.policy.check(actor, resource, session, action)
             stored_actor = self.persister.store(actor)
             task_id = str(uuid.uuid4())
@@ -233,6 +240,8 @@ class Storage:
                 resource = session.get(StorageResource, rid)
                 if resource is None:
                     raise ResourceGone(f"storage resource {resource_id} no longer exists")
+                if resource.status == "deleted" and action != "cleanup":
+                    raise ResourceGone(f"storage resource {resource_id} was deleted before this job ran")
                 self.policy.check(actor, resource, session, action)
                 session.expunge_all()
             detail = work(actor, resource)
@@ -240,8 +249,8 @@ class Storage:
             self._audit(action, rid, stored_actor, task, "retrying", f"{type(exc).__name__}: {exc}")
             raise
         except Exception as exc:
-            outcome = {ActorNotFound: "actor_not_found", Forbidden: "forbidden",
-                       ActorRequired: "forbidden"}.get(type(exc), "failed")
+            outcome = {ActorNotFound: "actor_not_found", Forbidden: "forbidden", ActorRequired: "forbidden",
+                       ResourceGone: "resource_gone"}.get(type(exc), "failed")
             self._audit(action, rid, stored_actor, task, outcome, f"{type(exc).__name__}: {exc}")
             raise
         self._audit(action, rid, stored_actor, task, "ok", detail)
@@ -252,27 +261,30 @@ class Storage:
             session.add(AuditEntry(action=action, resource_id=rid, actor=stored_actor, task_id=task.request.id,
                                    outcome=outcome, detail=detail))
 
-    def _content(self, ref: dict) -> bytes:
+    def _content(self, ref: dict) -> bytes | None:
+        """The job's content; None when it was staged and is gone, which only the commit
+        that recorded this job's outcome does: an earlier delivery of the job finished."""
         if "text" in ref:
             return ref["text"].encode()
         if "base64" in ref:
             return base64.b64decode(ref["base64"])
         with Session(self.engine) as session:
             staged = session.get(StagedContent, ref["staged"])
-            if staged is None:
-                raise StorageError(f"staged content {ref['staged']} is gone")
-            return staged.content
+            return None if staged is None else staged.content
 
     def _run_process(self, task, resource_id: str, stored_actor: dict | None, content: dict,
                      storage_options: dict) -> str:
         def work(actor, resource: StorageResource) -> str:
             data = self._content(content)
+            if data is None:
+                return "already stored by an earlier delivery of this job"
             backend = self.backends[resource.backend]
             ref = backend.store(resource.id, data, key=task.request.id, author=describe(actor),
                                 file_name=resource.file_name, **storage_options)
             digest = hashlib.sha256(data).hexdigest()
             with Session(self.engine) as session, session.begin():
-                session.execute(update(StorageResource).where(StorageResource.id == resource.id).values(
+                session.execute(update(StorageResource).where(
+                    StorageResource.id == resource.id, StorageResource.status != "deleted").values(
                     content_hash=digest, size=len(data), status="ready", updated_at=func.now()))
                 if "staged" in content:
                     session.execute(StagedContent.__table__.delete().where(StagedContent.key == content["staged"]))
@@ -297,6 +309,8 @@ class Storage:
 
         def work(actor, resource: StorageResource) -> str:
             data = self._content(content)
+            if data is None:
+                return "already recorded by an earlier delivery of this job"
             author = describe(actor)
             name = version_name or f"job-{key[:8]}"
             ref = self.backends[resource.backend].write_version(
@@ -323,4 +337,19 @@ class Storage:
 
 
 def _id(resource: StorageResource | uuid.UUID | str) -> uuid.UUID:
-    return resource.id if isinstance(resource, StorageResource) else uuid.UUID(str(resource))
+    """A resource's id, also from a detached, expired instance (its identity is kept)."""
+    if isinstance(resource, StorageResource):
+        return sa_inspect(resource).identity[0] if sa_inspect(resource).identity else resource.id
+    return uuid.UUID(str(resource))
+
+
+def _attached(session: Session, obj: Any) -> Any:
+    """``obj`` as an instance of ``session``: itself when it belongs to it, else read again by
+    its identity (None if gone). Anything that is not a mapped instance is returned as is."""
+    try:
+        state = sa_inspect(obj)
+    except NoInspectionAvailable:
+        return obj
+    if state.session is session or state.identity is None:
+        return obj
+    return session.get(type(obj), state.identity)

@@ -62,6 +62,24 @@ WITH input AS (
                            headers, properties, body, content_type, content_encoding, ord)
 )
 
+-- fragment: leader
+-- Leadership of one run of service %(service)s. The service's advisory lock for this
+-- transaction keeps runs from overlapping; with %(lease)s (seconds) the run must also
+-- win the service's row in `services` (last run at least 0.9 of that ago, so exactly
+-- one of the processes ticking each interval runs it); with %(wait)s (a worker giving
+-- back its own jobs at shutdown) it waits for the lock and needs no lease.
+leased AS (
+    UPDATE {schema}.services SET ran_at = now(), ran_by = %(who)s
+    WHERE NOT %(wait)s AND %(lease)s::float8 IS NOT NULL AND name = %(service)s
+      AND ran_at <= now() - make_interval(secs => %(lease)s::float8 * 0.9)
+    RETURNING 1
+), leader AS (
+    SELECT CASE WHEN %(wait)s
+                THEN (SELECT true FROM pg_advisory_xact_lock(hashtext({schema_name} || ':' || %(service)s)))
+                ELSE pg_try_advisory_xact_lock(hashtext({schema_name} || ':' || %(service)s))
+                     AND (%(lease)s::float8 IS NULL OR EXISTS (SELECT 1 FROM leased)) END AS ok
+)
+
 -- name: enqueue
 -- Store one message (the publish hot path: VALUES plans much cheaper than unnest).
 WITH input AS (
@@ -149,12 +167,11 @@ SELECT * FROM claimed;
 SELECT name FROM {schema}.queues WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL;
 
 -- name: queue_controls_lock
--- Serialise the claims of limited queues (taken in name order: no deadlock). The
--- claim that follows is another statement, so it sees every claim committed by the
--- transactions this one waited for.
-SELECT name FROM {schema}.queues
-WHERE name = ANY(%(queues)s::text[]) AND NOT paused AND (concurrency IS NOT NULL OR rate_limit IS NOT NULL)
-ORDER BY name FOR UPDATE;
+-- Serialise the claims of controlled queues: every named row, whatever its controls
+-- say now (one resumed or limited meanwhile is still serialised), in name order (no
+-- deadlock). The claim that follows is another statement, so it sees every claim
+-- committed by the transactions this one waited for, and the controls as they are.
+SELECT name FROM {schema}.queues WHERE name = ANY(%(queues)s::text[]) ORDER BY name FOR UPDATE;
 
 -- name: claim_controlled
 -- The claim of paused or limited queues (after queue_controls_lock, same transaction):
@@ -262,7 +279,10 @@ FROM {schema}.jobs WHERE state IN ('scheduled', 'retryable');
 -- Register or refresh a consumer process, its open connections and the queues it
 -- consumes (which keeps them from expiring).
 WITH touched AS (
-    UPDATE {schema}.queues SET last_used_at = now() WHERE name = ANY(%(queues)s::text[])
+    -- (SKIP LOCKED: a row a claim holds is touched at the next heartbeat, never waited
+    -- for, which could deadlock with claims locking several queues in name order.)
+    UPDATE {schema}.queues SET last_used_at = now() WHERE name IN (
+        SELECT name FROM {schema}.queues WHERE name = ANY(%(queues)s::text[]) FOR UPDATE SKIP LOCKED)
 )
 INSERT INTO {schema}.consumers (id, hostname, pid, connections, queues)
 VALUES (%(id)s, %(hostname)s, %(pid)s, %(connections)s::text[], %(queues)s::text[])
@@ -279,12 +299,9 @@ DELETE FROM {schema}.consumers WHERE id = %(id)s;
 -- marked redelivered; one the worker had already acknowledged (early ack: at most
 -- once) and whose process died is discarded with the reason. Jobs of live
 -- connections stay theirs however long they are held.
--- One process at a time (the schema's rescue lock; with %(wait)s it waits for it,
--- else it reports leader = false), at most %(batch)s jobs per run.
-WITH leader AS (
-    SELECT CASE WHEN %(wait)s THEN (SELECT true FROM pg_advisory_xact_lock(hashtext({schema_name} || ':rescue')))
-                ELSE pg_try_advisory_xact_lock(hashtext({schema_name} || ':rescue')) END AS ok
-), dead AS (
+-- Run by the leader of service 'rescue' (others see leader = false), at most
+-- %(batch)s jobs per run.
+WITH {leader}, dead AS (
     DELETE FROM {schema}.consumers
     WHERE heartbeat_at < now() - make_interval(secs => %(after)s) AND (SELECT ok FROM leader)
     RETURNING id
@@ -508,12 +525,9 @@ ON CONFLICT (key) DO UPDATE SET size = excluded.size;
 SELECT size FROM {schema}.counters WHERE key = %(key)s;
 
 -- name: results_prune
--- Delete up to %(batch)s expired results and as many expired counters. Only the one
--- process holding the schema's prune lock for this statement deletes anything; the
--- others see leader = false and try again on their next tick.
-WITH leader AS (
-    SELECT pg_try_advisory_xact_lock(hashtext({schema_name} || ':prune')) AS ok
-), gone AS (
+-- Delete up to %(batch)s expired results and as many expired counters. Only the
+-- leader of service 'prune-results' deletes anything; the others see leader = false.
+WITH {leader}, gone AS (
     DELETE FROM {schema}.results WHERE key IN (
         SELECT key FROM {schema}.results
         WHERE expires_at <= now() AND (SELECT ok FROM leader)
@@ -806,15 +820,13 @@ SELECT EXISTS ({trigger_matching} WHERE m.{key} = %(key)s) AS matches
 -- name: jobs_prune
 -- Delete up to %(batch)s finished jobs per final state older than that state's
 -- retention (seconds; NULL keeps them), and as many finished beat fires older than
--- %(fires)s. Only the process holding the schema's job-prune lock for this statement
--- deletes; the others see leader = false. Rows are locked one batch at a time, and
+-- %(fires)s. Only the leader of service 'prune-jobs' deletes; the others see
+-- leader = false. Rows are locked one batch at a time, and
 -- SKIP LOCKED never waits for a row someone else holds. Each state is read as its
 -- own range of jobs_finished_idx (the literal IN lets the planner use that partial
 -- index); `since_*` is where the previous batch of a state stopped, so the scan
 -- skips the entries of the rows it just deleted.
-WITH leader AS (
-    SELECT pg_try_advisory_xact_lock(hashtext({schema_name} || ':prune-jobs')) AS ok
-), old AS (
+WITH {leader}, old AS (
     SELECT s.state, now() - make_interval(secs => s.keep) AS cutoff, coalesce(s.since, '-infinity') AS since
     FROM (VALUES ('completed'::{schema}.job_state, %(completed)s::float8, %(since_completed)s::timestamptz),
                  ('cancelled'::{schema}.job_state, %(cancelled)s::float8, %(since_cancelled)s::timestamptz),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import Counter
 
 import pytest
 from celery import Celery
@@ -278,3 +279,38 @@ def test_testing_helpers_record_assert_and_drain(database_url):
 
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT to_regnamespace(%s)", (schema,)).fetchone()[0] is None
+
+
+def test_a_busy_plain_queue_does_not_starve_a_limited_one(app, engine):
+    for i in range(20):
+        app.tasks["t.work"].apply_async((i,), queue="busy")
+    for i in range(3):
+        app.tasks["t.work"].apply_async((i,), queue="capped")
+    jobs.limit(app, "capped", concurrency=2)
+    claimed = engine.claim(["busy", "capped"], 5, "both#1")  # a window smaller than the busy queue
+    assert Counter(q for _, q in claimed) == {"capped": 2, "busy": 3}
+
+
+def test_the_claim_lock_covers_paused_controlled_queues(app, engine, db, database_url, schema):
+    """A paused queue's row is locked too: if it is resumed between a claimer's lock and
+    its claim, a second claimer still waits, so the limit holds."""
+    import psycopg
+
+    jobs.limit(app, "gated", concurrency=2)
+    jobs.pause(app, "gated")
+    with db.transaction() as conn:
+        db.fetchall("queue_controls_lock", conn, queues=["gated"])
+        with psycopg.connect(database_url) as other:
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                other.execute(f'SELECT 1 FROM "{schema}".queues WHERE name = %s FOR UPDATE NOWAIT', ("gated",))
+
+
+def test_leader_runs_once_per_interval_across_processes(engine, sql):
+    assert engine.rescue(60, lease=30) is not None            # this process won the interval's run
+    assert engine.rescue(60, lease=30) is None                # a second process in the same interval skips
+    assert engine.prune(lease=30) is not None and engine.prune(lease=30) is None  # each service has its own
+    sql("UPDATE {schema}.services SET ran_at = now() - interval '1 minute'")
+    assert engine.rescue(60, lease=30) is not None            # the next interval has a leader again
+    assert engine.rescue(60, wait=True) is not None           # a shutdown's own rescue needs no lease
+    assert {r["name"]: r["ran_by"] is not None for r in sql("SELECT name, ran_by FROM {schema}.services")} == {
+        "rescue": True, "prune-jobs": True, "prune-results": False}

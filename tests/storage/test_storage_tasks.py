@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 
 import pgbroker.jobs as pgjobs
 from pgbroker.testing import sandbox
-from storage_tasks import (ActorRequired, InvalidStorageOptions, ApiKey, AuditEntry, Forbidden, Grant, Storage,
+from storage_tasks import (ActorRequired, InvalidStorageOptions, ResourceGone, ApiKey, AuditEntry, Forbidden, Grant, Storage,
                            StorageResource, StorageVersion, SystemActor, User)
 from storage_tasks.actors import ActorPersister
 from storage_tasks.models import StagedContent
+from storage_tasks.service import _id
 
 
 @pytest.fixture
@@ -266,3 +267,37 @@ def test_storage_options_reach_the_backend_and_bad_ones_are_refused(env):
     with pytest.raises(InvalidStorageOptions, match="compression"):
         storage.process_storage_async(doc, "x", storage_options={"compression": True}, actor=users["ann"])
     box.refute_enqueued(task="storage_tasks.process")
+
+
+def test_a_deleted_resource_is_not_brought_back_by_a_late_job(env):
+    storage, box, engine, users = env
+    doc = create(storage, engine, users["ann"], backend="disk")  # its process job waits
+    with Session(engine) as session, session.begin():
+        storage.destroy_resource(session.get(StorageResource, doc.id), actor=users["ann"])
+    assert box.drain(storage.app, "storage_cleanup").completed == 1  # the cleanup runs first
+    assert box.drain(storage.app, "storage_processing").failed == 1  # then the late process job refuses
+    row = fresh(engine, doc)
+    assert row.status == "deleted" and not (storage.backends["disk"].root / str(doc.id)).exists()
+    assert audit(engine)[-1][1] == "resource_gone"
+    with pytest.raises(ResourceGone):
+        storage.create_version_async(doc, "v", actor=users["ann"])
+
+
+def test_scheduling_works_with_expired_detached_objects(env):
+    storage, box, engine, users = env
+    with Session(engine) as session, session.begin():  # default expire_on_commit: everything expires
+        ann = session.get(User, users["ann"].id)
+        doc = storage.create_resource(session, "notes.md", "git", "# Notes", actor=ann)
+    storage.create_version_async(doc, "# v2", commit_message="After commit", actor=ann)  # both detached, expired
+    assert drain_all(storage, box) == {"completed": 2, "failed": 0}
+    assert storage.backends["git"].log(_id(doc))[0]["subject"] == "After commit"
+
+
+def test_a_redelivered_job_whose_staged_content_is_gone_finished_before(env):
+    storage, box, engine, users = env
+    doc = create(storage, engine, users["ann"], backend="disk", content=b"y" * (storage.inline_limit + 1))
+    (job,) = box.enqueued(task="storage_tasks.process")
+    storage.process_task.apply(job.args, job.kwargs, task_id=job.job.task_id)
+    again = storage.process_task.apply(job.args, job.kwargs, task_id=job.job.task_id)  # a redelivery
+    assert again.successful() and again.result == "already stored by an earlier delivery of this job"
+    assert fresh(engine, doc).size == storage.inline_limit + 1
