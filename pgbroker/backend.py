@@ -163,6 +163,15 @@ def _columns(meta: dict | None = None, request: Any = None) -> dict[str, Any]:
     }
 
 
+def mark_revoked(db: Database, task_ids: Iterable[str]) -> None:
+    """Store REVOKED for cancelled tasks when pgbroker on ``db`` is this process's result
+    backend, so that whoever waits for them gets an answer."""
+    backend = backend_for(db) if task_ids else None
+    if backend is not None:
+        for task_id in task_ids:
+            backend.mark_as_revoked(task_id, "revoked")
+
+
 def backend_for(db: Database) -> "ResultBackend | None":
     """The pgbroker result backend on ``db`` in this process: the one last used, else the
     current Celery app's when it is pgbroker on the same database (``celery control``)."""

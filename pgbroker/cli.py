@@ -13,7 +13,7 @@ import click
 
 # Importing pgbroker.worker connects its worker_init hook (see the module docstring).
 from .worker import install as install_worker
-from .config import Options, conninfo_from_url, mask_url
+from .config import conninfo_from_url, mask_url
 from .errors import PgBrokerError
 
 __all__ = ["main", "celery_command", "install_worker"]
@@ -32,12 +32,9 @@ def _connect(url: str | None, schema: str):
 
 
 def _engine(url: str | None, schema: str):
-    from .db import Database
-    from .engine import engine_for
+    from .jobs import _engine as engine_of
 
-    db = Database.get(conninfo_from_url(url or os.environ.get("PGBROKER_URL")), Options(schema=schema))
-    db.ensure_ready()
-    return engine_for(db)
+    return engine_of(url or os.environ.get("PGBROKER_URL") or "", schema)
 
 
 def _commands(get_url):
@@ -349,7 +346,7 @@ def _when(t, now) -> str:
 
 
 def _beat_group(get_url):
-    schema_option = click.option("--schema", default="pgbroker", show_default=True, help="Postgres schema (prefix).")
+    schema_option = SCHEMA_OPTION
 
     @click.group()
     def beat():

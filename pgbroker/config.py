@@ -188,6 +188,11 @@ def conninfo_from_url(url: str | None) -> str:
     return "postgresql://" + rest
 
 
+def broker_url(conninfo: str) -> str:
+    """The ``pgbroker://`` broker URL of a ``postgresql://`` conninfo URL."""
+    return "pgbroker://" + conninfo.split("://", 1)[1]
+
+
 def mask_url(url: str, mask: str = "**") -> str:
     """The URL with its password replaced by ``mask`` (also inside ``password=`` parameters)."""
     try:

@@ -174,9 +174,9 @@ class JobEngine:
         limited = [q for q in queues if q in controlled]
         rows: list[dict] = []
         if limited:  # first: their limits bound them, and a busy plain queue must not starve them
-            with self.db.transaction() as conn:
-                self.db.fetchall("queue_controls_lock", conn, queues=limited)
-                rows = self.db.fetchall("claim_controlled", conn, queues=limited, limit=limit, consumer=consumer)
+            rows = self.db.run_in_transaction([  # one round trip; the claim still sees the lock holders' claims
+                ("queue_controls_lock", {"queues": limited}),
+                ("claim_controlled", {"queues": limited, "limit": limit, "consumer": consumer})])
         plain = [q for q in queues if q not in controlled]
         if plain and len(rows) < limit:
             rows += self.db.fetchall("claim", queues=plain, limit=limit - len(rows), consumer=consumer)
@@ -428,7 +428,6 @@ class JobEngine:
         return [from_row(r) for r in rows]
 
 
-
 class Settler:
     """Writes delivery outcomes in batches from a background thread (group commit).
 
@@ -516,10 +515,7 @@ class Settler:
 
 def leader_params(service: str, lease: float | None = None, wait: bool = False) -> dict:
     """The parameters of the ``leader`` SQL fragment for one run of ``service``."""
-    return {"service": service, "lease": lease, "wait": wait, "who": _WHO}
-
-
-_WHO = f"{socket.gethostname()}/{os.getpid()}"
+    return {"service": service, "lease": lease, "wait": wait, "who": f"{socket.gethostname()}/{os.getpid()}"}
 
 
 def job_filter(states: Sequence[str] | None = None, queue: str | None = None, task: str | None = None,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import telemetry
-from .config import Options, conninfo_from_url, validate_name
+from .config import Options, broker_url, conninfo_from_url, validate_name
 from .engine import _KEEP, JobEngine, engine_for
 from .errors import InvalidJobOption
 from .types import Job
@@ -117,11 +117,16 @@ def cancel(source: Any, task_ids: Sequence[str] | None = None, queue: str | None
         cancelled += [t for t in batch if t is not None]
         if progress is not None:
             progress(len(batch))
+    from .backend import mark_revoked
+
+    mark_revoked(engine.db, cancelled)
     running = engine.executing_task_ids(**where) if revoke else []
-    if running:
-        app = source if hasattr(source, "control") else _control_app(engine)
-        engine.cancel(running, by=by, running=True)
-        app.control.revoke(running, terminate=True)
+    if running:  # the broadcast goes through the transport, which records who asked on the jobs
+        if hasattr(source, "control"):
+            source.control.revoke(running, terminate=True)
+        else:
+            with _control_app(engine) as app:
+                app.control.revoke(running, terminate=True)
     result = Cancelled(cancelled=total, revoked=len(running), task_ids=cancelled + running)
     telemetry.emit("job.cancelled", {"cancelled": result.cancelled, "revoked": result.revoked},
                    {"queue": queue, "task": task, "by": by})
@@ -133,8 +138,7 @@ def _control_app(engine: JobEngine):
     app listen on the default control exchange)."""
     from celery import Celery
 
-    url = "pgbroker" + engine.db.conninfo[len("postgresql"):]
-    app = Celery("pgbroker-jobs", broker=url, set_as_current=False)
+    app = Celery("pgbroker-jobs", broker=broker_url(engine.db.conninfo), set_as_current=False)
     app.conf.broker_transport_options = {"schema": engine.schema}
     return app
 

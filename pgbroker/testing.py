@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .config import Options, conninfo_from_url
+from .config import Options, broker_url, conninfo_from_url
 from .db import Database
 from .engine import Outcome, describe, engine_for, error_entry, job_filter
 from .types import Job
@@ -82,9 +82,7 @@ class Sandbox:
     def __init__(self, url: str, schema: str):
         self.url = url
         self.schema = schema
-        # A URL of its own (kombu pools connections by URL, whatever the transport options).
-        self.broker_url = "pgbroker" + url[len("postgresql"):] + ("&" if "?" in url else "?") + \
-            f"application_name=pgbroker_{schema}"
+        self.broker_url = broker_url(url)  # the same conninfo as self.db: the transport shares its Database
         self.transport_options = {"schema": schema, "polling_interval": 0.2}
         self.db = Database.get(url, Options.from_mapping(self.transport_options))
         self.db.ensure_ready()

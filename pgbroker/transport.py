@@ -177,13 +177,9 @@ class Channel(virtual.Channel):
         marked REVOKED when pgbroker on this database is the result backend)."""
         by = f"celery remote control revoke{' (terminate)' if terminate else ''} from " \
              f"{socket.gethostname()} pid {os.getpid()}"
-        cancelled = self.engine.cancel(task_ids, by, running=terminate)
-        from .backend import backend_for  # Celery's, imported only when Celery revokes
+        from .backend import mark_revoked  # Celery's, imported only when Celery revokes
 
-        backend = backend_for(self.engine.db) if cancelled else None
-        if backend is not None:
-            for task_id in cancelled:
-                backend.mark_as_revoked(task_id, "revoked")
+        mark_revoked(self.engine.db, self.engine.cancel(task_ids, by, running=terminate))
 
     # -- routing (bindings in the database) --------------------------------------------------------
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from kombu import Connection
 
-from pgbroker.config import Options, conninfo_from_url
+from pgbroker.config import Options, broker_url as broker_url_of, conninfo_from_url
 from pgbroker.db import Database
 from pgbroker.engine import engine_for
 
@@ -60,7 +60,7 @@ def schema(database_url):
 
 @pytest.fixture
 def broker_url(database_url) -> str:
-    return "pgbroker" + database_url[len("postgresql"):]
+    return broker_url_of(database_url)
 
 
 @pytest.fixture
