@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from storage_tasks import QUEUES
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -97,7 +99,7 @@ def run(url: str) -> int:
     )
     storage_worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "storage_app", "worker", "-P", "threads", "-c", "4", "-l", "warning",
-         "-n", "storage@%h", "-Q", "storage_processing,storage_cleanup,storage_versioning,default"],
+         "-n", "storage@%h", "-Q", ",".join(QUEUES)],
         cwd=HERE, env=storage_env, start_new_session=True,
     )
     beats = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "shop", "beat", "-S", "pgbroker", "-l", "warning",

@@ -26,11 +26,11 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 import storage_tasks
+from pgbroker.config import broker_url
 from storage_tasks import ApiKey, AuditEntry, Forbidden, Grant, StorageResource, StorageVersion, SystemActor, User
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://localhost/shop")
-BROKER_URL = "pgbroker" + DATABASE_URL[len("postgresql"):]
-app = Celery("storage_app", broker=BROKER_URL)
+app = Celery("storage_app", broker=broker_url(DATABASE_URL))
 app.conf.update(broker_transport_options={"schema": os.environ.get("PGBROKER_SCHEMA", "pgbroker")},
                 task_ignore_result=True)
 engine = create_engine(DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)).execution_options(

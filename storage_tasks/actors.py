@@ -137,7 +137,7 @@ class Policy:
             raise Forbidden(f"{describe(actor)} may not {action} {resource.file_name!r} ({resource.id})")
 
 
-def owner_of(actor: Any, session: Session) -> int:
+def owner_of(actor: Any) -> int:
     """The user id a new resource belongs to (an API key's user; else the actor itself)."""
     if isinstance(actor, ApiKey):
         return actor.user_id

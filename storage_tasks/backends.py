@@ -56,7 +56,6 @@ def _atomic_write(path: Path, content: bytes) -> None:
 class DiskBackend:
     """Files under ``root/<resource id>/``: ``current`` and ``versions/<key>``."""
 
-    name = "disk"
     #: ``storage_options`` this backend's ``store`` takes (anything else is refused when scheduling).
     options: frozenset[str] = frozenset()
 
@@ -100,7 +99,6 @@ class GitBackend:
     a process killed half-way leaves only unreferenced objects.
     """
 
-    name = "git"
     branch = "refs/heads/main"
     #: ``message``: the commit message of the stored content (default "Store content").
     options = frozenset({"message"})
@@ -216,7 +214,6 @@ class PostgresBackend:
     """Content in the ``blobs`` table (key ``current`` or ``version:<job key>``), each
     write its own short transaction through ``engine``."""
 
-    name = "postgres"
     options: frozenset[str] = frozenset()
 
     def __init__(self, engine):

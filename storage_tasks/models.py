@@ -17,7 +17,6 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "storage"
-BACKENDS = ("disk", "git", "postgres")
 
 
 class Base(DeclarativeBase):

@@ -27,9 +27,10 @@ from sqlalchemy.orm import Session
 import pgbroker
 import pgbroker.jobs as pgjobs
 
-from .actors import ActorNotFound, ActorPersister, ActorRequired, Forbidden, Policy, StorageError, describe, owner_of
+from .actors import (ActorNotFound, ActorPersister, ActorRequired, Forbidden, Persister, Policy, StorageError,
+                     describe, owner_of)
 from .backends import DiskBackend, GitBackend, PostgresBackend, StorageUnavailable
-from .models import BACKENDS, AuditEntry, StagedContent, StorageResource, StorageVersion, migrate
+from .models import AuditEntry, StagedContent, StorageResource, StorageVersion, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Storage:
     def __init__(self, app, engine, root: str | Path, persister=None, policy: Policy | None = None,
                  backends: dict | None = None, inline_limit: int = INLINE_LIMIT, max_retries: int = 5):
         self.app, self.engine = app, engine
-        self.persister = persister or ActorPersister()
+        self.persister: Persister = persister or ActorPersister()
         self.policy = policy or Policy()
         root = Path(root)
         self.backends = {"disk": DiskBackend(root / "disk"), "git": GitBackend(root / "git"),
@@ -123,10 +124,9 @@ class Storage:
         stored the content."""
         if actor is None:
             raise ActorRequired(f"creating {file_name!r} needs an actor")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
-        resource = StorageResource(id=uuid.uuid4(), file_name=file_name, backend=backend,
-                                   owner_id=owner_of(actor, session))
+        if backend not in self.backends:
+            raise ValueError(f"unknown backend {backend!r}; backends are {sorted(self.backends)}")
+        resource = StorageResource(id=uuid.uuid4(), file_name=file_name, backend=backend, owner_id=owner_of(actor))
         session.add(resource)
         session.flush()
         self.process_storage_async(resource, content, storage_options=storage_options, actor=actor)
@@ -177,12 +177,7 @@ class Storage:
         try:
             # A detached (maybe expired) resource or actor is read again in this session:
             # merging its stale state would write it back.
-            rid = _id(resource)
-            resource, actor = _attached(session, resource), _attached(session, actor)
-            if resource is None:
-                raise ResourceGone(f"storage resource {rid} no longer exists")
-            if resource.status == "deleted" and action != "cleanup":
-                raise ResourceGone(f"storage resource {rid} was deleted")
+            resource, actor = _live(session, _id(resource), action), _attached(session, actor)
             options = kwargs.get("storage_options") or {}
             unknown = set(options) - self.backends[resource.backend].options
             if unknown:
@@ -237,11 +232,7 @@ class Storage:
         try:
             with Session(self.engine, expire_on_commit=False) as session:
                 actor = self.persister.lookup(stored_actor, session)
-                resource = session.get(StorageResource, rid)
-                if resource is None:
-                    raise ResourceGone(f"storage resource {resource_id} no longer exists")
-                if resource.status == "deleted" and action != "cleanup":
-                    raise ResourceGone(f"storage resource {resource_id} was deleted before this job ran")
+                resource = _live(session, rid, action)
                 self.policy.check(actor, resource, session, action)
                 session.expunge_all()
             detail = work(actor, resource)
@@ -285,9 +276,8 @@ class Storage:
             with Session(self.engine) as session, session.begin():
                 session.execute(update(StorageResource).where(
                     StorageResource.id == resource.id, StorageResource.status != "deleted").values(
-                    content_hash=digest, size=len(data), status="ready", updated_at=func.now()))
-                if "staged" in content:
-                    session.execute(StagedContent.__table__.delete().where(StagedContent.key == content["staged"]))
+                    content_hash=digest, size=len(data), status="ready"))
+                _drop_staged(session, content)
             return f"stored {len(data)} bytes at {ref}"
 
         return self._run(task, "process", resource_id, stored_actor, work)
@@ -319,8 +309,10 @@ class Storage:
             with Session(self.engine) as session, session.begin():
                 # The resource row orders concurrent versions; the (resource, job) key makes
                 # a redelivered job's insert a no-op.
-                count = session.execute(select(StorageResource.version_count).where(
-                    StorageResource.id == resource.id).with_for_update()).scalar_one()
+                count, status = session.execute(select(StorageResource.version_count, StorageResource.status).where(
+                    StorageResource.id == resource.id).with_for_update()).one()
+                if status == "deleted":
+                    raise ResourceGone(f"storage resource {resource.id} was deleted while its version was written")
                 added = session.execute(insert(StorageVersion).values(
                     resource_id=resource.id, number=count + 1, name=name, commit_message=commit_message,
                     author=author, content_hash=hashlib.sha256(data).hexdigest(), size=len(data), ref=ref,
@@ -328,9 +320,8 @@ class Storage:
                     .returning(StorageVersion.id)).first() is not None
                 if added:
                     session.execute(update(StorageResource).where(StorageResource.id == resource.id).values(
-                        version_count=count + 1, updated_at=func.now()))
-                if "staged" in content:
-                    session.execute(StagedContent.__table__.delete().where(StagedContent.key == content["staged"]))
+                        version_count=count + 1))
+                _drop_staged(session, content)
             return f"version {name} at {ref}" + ("" if added else " (already recorded)")
 
         return self._run(task, "version", resource_id, stored_actor, work)
@@ -339,8 +330,26 @@ class Storage:
 def _id(resource: StorageResource | uuid.UUID | str) -> uuid.UUID:
     """A resource's id, also from a detached, expired instance (its identity is kept)."""
     if isinstance(resource, StorageResource):
-        return sa_inspect(resource).identity[0] if sa_inspect(resource).identity else resource.id
+        identity = sa_inspect(resource).identity
+        return identity[0] if identity else resource.id
     return uuid.UUID(str(resource))
+
+
+def _live(session: Session, rid: uuid.UUID, action: str) -> StorageResource:
+    """The resource, read in ``session``; ResourceGone when it does not exist, or was
+    deleted and ``action`` is not its cleanup."""
+    resource = session.get(StorageResource, rid)
+    if resource is None:
+        raise ResourceGone(f"storage resource {rid} no longer exists")
+    if resource.status == "deleted" and action != "cleanup":
+        raise ResourceGone(f"storage resource {rid} was deleted")
+    return resource
+
+
+def _drop_staged(session: Session, content: dict) -> None:
+    """Delete the job's staged content, in the transaction recording its outcome."""
+    if "staged" in content:
+        session.execute(StagedContent.__table__.delete().where(StagedContent.key == content["staged"]))
 
 
 def _attached(session: Session, obj: Any) -> Any:
