@@ -68,3 +68,35 @@ def test_a_worker_killed_during_create_version_leaves_exactly_one_version(storag
 def session_get(m, doc):
     with Session(m.engine) as session:
         return session.get(StorageResource, doc.id)
+
+
+def test_a_real_worker_fails_jobs_of_a_deleted_user_or_a_lost_permission(storage_env, start_worker):
+    from datetime import datetime, timezone
+
+    from storage_tasks import Grant
+
+    env, m = storage_env
+    with Session(m.engine, expire_on_commit=False) as session, session.begin():
+        ann, bob, cal = (User(email=f"{n}@example.com", name=n.title()) for n in ("ann", "bob", "cal"))
+        session.add_all([ann, bob, cal])
+        session.flush()
+        doc = m.storage.create_resource(session, "notes.md", "disk", "text", actor=ann)
+        session.add_all([Grant(resource_id=doc.id, user_id=bob.id), Grant(resource_id=doc.id, user_id=cal.id)])
+    by_bob = m.storage.create_version_async(doc, "v", actor=bob)
+    by_cal = m.storage.create_version_async(doc, "v", actor=cal)
+    by_ann = m.storage.create_version_async(doc, "v", actor=ann)
+    with Session(m.engine) as session, session.begin():  # before any worker runs them
+        session.get(User, bob.id).deleted_at = datetime.now(timezone.utc)
+        session.execute(Grant.__table__.delete().where(Grant.user_id == cal.id))
+    start_worker(name="w", app="tests.apps.storageapp", queues=m.QUEUES, pool="prefork", concurrency=2, overrides=env)
+    ids = [by_bob.id, by_cal.id, by_ann.id]
+    final = ("completed", "discarded")
+    wait_for(lambda: all(pgjobs.get(m.app, i).state.value in final for i in ids), 60, what="the three jobs")
+    bob_job, cal_job, ann_job = (pgjobs.get(m.app, i) for i in ids)
+    assert (bob_job.state.value, bob_job.attempt) == ("discarded", 1)  # not retried
+    assert bob_job.errors[-1]["error"] == f"ActorNotFound: user {bob.id} no longer exists"
+    assert cal_job.state.value == "discarded" and cal_job.errors[-1]["error"].startswith(
+        "Forbidden: Cal <cal@example.com> may not version")
+    assert ann_job.state.value == "completed"
+    with Session(m.engine) as session:
+        assert session.scalar(select(func.count()).select_from(StorageVersion)) == 1

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 import pgbroker.jobs as pgjobs
 from pgbroker.testing import sandbox
-from storage_tasks import (ActorRequired, InvalidStorageOptions, ResourceGone, ApiKey, AuditEntry, Forbidden, Grant, Storage,
+from storage_tasks import (ActorNotFound, ActorRequired, InvalidStorageOptions, ResourceGone, ApiKey, AuditEntry, Forbidden, Grant, Storage,
                            StorageResource, StorageVersion, SystemActor, User)
 from storage_tasks.actors import ActorPersister
 from storage_tasks.models import StagedContent
@@ -301,3 +301,26 @@ def test_a_redelivered_job_whose_staged_content_is_gone_finished_before(env):
     again = storage.process_task.apply(job.args, job.kwargs, task_id=job.job.task_id)  # a redelivery
     assert again.successful() and again.result == "already stored by an earlier delivery of this job"
     assert fresh(engine, doc).size == storage.inline_limit + 1
+
+
+def test_the_actor_persister_is_pluggable(env, database_url, tmp_path):
+    storage, box, engine, users = env
+
+    class ByEmail:
+        """An application's own persister: users by e-mail address."""
+
+        def store(self, actor):
+            return {"email": actor.email}
+
+        def lookup(self, stored, session):
+            user = session.scalar(select(User).where(User.email == stored["email"]))
+            if user is None:
+                raise ActorNotFound(f"nobody is {stored['email']}")
+            return user
+
+    app = box.configure(Celery("custom-persister", set_as_current=False))  # its own tasks
+    custom = Storage(app, engine, tmp_path / "custom", persister=ByEmail())
+    doc = create(custom, engine, users["ann"], backend="disk")
+    (job,) = box.enqueued(task="storage_tasks.process")
+    assert job.args[1] == {"email": "ann@example.com"}
+    assert drain_all(custom, box)["completed"] == 1 and fresh(engine, doc).status == "ready"
