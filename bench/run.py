@@ -8,7 +8,11 @@ One command (`make bench`), every broker in the same run, on this machine:
   signal until every task has appended its byte to a counter file (tasks/s);
 * pickup latency: an idle worker, one task at a time, send-to-start time (ms);
 * round trip: ``echo.delay(i).get()`` with an idle worker and each broker's usual
-  result backend (pgbroker's own, Redis, RabbitMQ's ``rpc://``, SQLAlchemy's ``db+``);
+  result backend (pgbroker's own, Redis, RabbitMQ's ``rpc://``, SQLAlchemy's ``db+``).
+  the brokers take turns in blocks of 40 round trips, in rotating order (each with
+  its own client process and worker, the others' workers stopped meanwhile), so
+  that a slow spell of this shared machine weighs on every broker alike rather than
+  on whichever ran then;
 * enqueue in app transaction: Django ``transaction.atomic()`` blocks that INSERT an
   order row and publish one task, then commit (transactions/s); pgbroker publishes
   inside the transaction (``pgbroker.atomic``), the others with Celery's
@@ -41,8 +45,9 @@ PG = "pgbroker:pgbroker@127.0.0.1:5432"
 # name: (broker URL, transport options, result backend for the round-trip row)
 BROKERS = {
     "pgbroker": (f"pgbroker://{PG}/pgbroker_bench", {"schema": "bench"}, f"pgbroker://{PG}/pgbroker_bench"),
-    "pgbroker-async": (f"pgbroker://{PG}/pgbroker_bench", {"schema": "bench", "synchronous_commit": "off"},
-                       f"pgbroker://{PG}/pgbroker_bench"),
+    # (its own database: a NOTIFY wakes every listening connection of its database)
+    "pgbroker-async": (f"pgbroker://{PG}/pgbroker_bench_async", {"schema": "bench", "synchronous_commit": "off"},
+                       f"pgbroker://{PG}/pgbroker_bench_async"),
     "redis": ("redis://127.0.0.1:6379/0", {}, "redis://127.0.0.1:6379/1"),
     "rabbitmq": ("amqp://guest:guest@127.0.0.1:5672//", {}, "rpc://"),
     "sqlalchemy": (f"sqla+postgresql+psycopg://{PG}/pgbroker_bench_sqla", {},
@@ -86,7 +91,7 @@ class Bench:
         if self.name.startswith("pgbroker"):
             import psycopg
 
-            with psycopg.connect(f"postgresql://{PG}/pgbroker_bench", autocommit=True) as conn:
+            with psycopg.connect(self.url.replace("pgbroker://", "postgresql://"), autocommit=True) as conn:
                 if conn.execute("SELECT to_regclass('bench.jobs')").fetchone()[0]:
                     conn.execute("TRUNCATE bench.jobs, bench.consumers")
                     conn.execute("VACUUM ANALYZE bench.jobs")
@@ -167,19 +172,33 @@ class Bench:
         finally:
             self.stop_worker()
 
-    def roundtrip(self):
-        """``echo.delay(i).get()`` with an idle worker: publish, run, store, wake the caller."""
+    def serve_roundtrips(self):
+        """``echo.delay(i).get()`` with an idle worker: publish, run, store, wake the caller.
+
+        A server for :func:`roundtrips`: starts the worker, warms up, says ``ready``,
+        then answers each line ``<n>`` on stdin with the n round-trip times (ms) as a
+        JSON list, until stdin closes. Between answers the worker is stopped (SIGSTOP),
+        so that only the broker being measured runs; 5 round trips after it resumes
+        are not counted."""
         self.reset()
         self.start_worker("threads")
+        pause = lambda sig: os.killpg(self.worker.pid, sig)  # noqa: E731
         try:
-            samples = []
-            for i in range(self.n(200) + 10):
-                t = time.perf_counter()
-                assert self.mod.echo.delay(i).get(timeout=30) == i
-                samples.append((time.perf_counter() - t) * 1000)
-            q = statistics.quantiles(samples[10:], n=100)
-            return q[49], q[94]
+            for i in range(10):
+                self.mod.echo.delay(i).get(timeout=30)
+            pause(signal.SIGSTOP)
+            print("ready", flush=True)
+            for line in sys.stdin:
+                pause(signal.SIGCONT)
+                samples = []
+                for i in range(int(line) + 5):
+                    t = time.perf_counter()
+                    assert self.mod.echo.delay(i).get(timeout=30) == i
+                    samples.append((time.perf_counter() - t) * 1000)
+                pause(signal.SIGSTOP)
+                print(json.dumps(samples[5:]), flush=True)
         finally:
+            pause(signal.SIGCONT)
             self.stop_worker()
 
     def txn_enqueue(self):
@@ -193,7 +212,8 @@ class Bench:
             password, hostport = rest.split("@")
             host, port = hostport.split(":")
             settings.configure(USE_TZ=True, DATABASES={"default": {
-                "ENGINE": "django.db.backends.postgresql", "NAME": "pgbroker_bench", "USER": user,
+                "ENGINE": "django.db.backends.postgresql", "USER": user,
+                "NAME": self.url.rsplit("/", 1)[1] if self.name.startswith("pgbroker") else "pgbroker_bench",
                 "PASSWORD": password, "HOST": host, "PORT": port}})
             django.setup()
         from django.db import connection, transaction
@@ -269,7 +289,7 @@ def run_broker(name, scale, only=METRICS):
     out = {}
     steps = [("enqueue", b.enqueue), ("txn_enqueue", b.txn_enqueue), ("drain_prefork", lambda: b.drain("prefork")),
              ("drain_threads", lambda: b.drain("threads")), ("pickup", b.pickup),
-             ("roundtrip", b.roundtrip), ("rss", b.rss)]
+             ("rss", b.rss)]
     for key, fn in steps:
         if key not in only:
             continue
@@ -282,6 +302,41 @@ def run_broker(name, scale, only=METRICS):
             b.stop_worker()
         log(f"[{name}] {key}: {out[key]}")
     b.stop_worker()
+    return out
+
+
+def roundtrips(names, scale, blocks=5):
+    """p50 and p95 round trip (ms) of each broker, measured in turns (see the module
+    docstring): ``blocks`` blocks of 40 round trips each (divided by ``scale``)."""
+    servers, samples = {}, {n: [] for n in names}
+    try:
+        for name in names:
+            servers[name] = subprocess.Popen([sys.executable, __file__, "--serve-roundtrips", name, "--scale", "1"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = {n for n, p in servers.items() if p.stdout.readline().strip() == "ready"}
+        for block in range(blocks):
+            for name in (names[block % len(names):] + names[:block % len(names)]):
+                if name not in ready:
+                    continue
+                try:
+                    servers[name].stdin.write(f"{max(1, 40 // scale)}\n")
+                    servers[name].stdin.flush()
+                    samples[name] += json.loads(servers[name].stdout.readline())
+                except (OSError, ValueError) as exc:  # a broken broker shows n/a, the others go on
+                    log(f"[{name}] round trips stopped: {exc}")
+                    ready.discard(name)
+    finally:
+        for p in servers.values():
+            try:
+                p.stdin.close()
+                p.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
+    out = {}
+    for name, xs in samples.items():
+        if len(xs) >= 2:
+            q = statistics.quantiles(xs, n=100)
+            out[name] = (q[49], q[94])
     return out
 
 
@@ -352,8 +407,13 @@ def main():
     args = parser.parse_args()
     names = [n for n in args.brokers.split(",") if n]
     results = {}
+    scale = 10 if args.quick else 1
     for name in names:
-        results[name] = subprocess_run(name, 10 if args.quick else 1, args.only)
+        results[name] = subprocess_run(name, scale, args.only)
+    if "roundtrip" in args.only.split(","):
+        log("round trips, all brokers in turns …")
+        for name, value in roundtrips(names, scale).items():
+            results[name]["roundtrip"] = value
     report = table(results, names)
     partial = args.quick or set(args.only.split(",")) != set(METRICS)
     command = "make bench" if not partial else "python bench/run.py " + " ".join(sys.argv[1:])
@@ -374,7 +434,9 @@ def subprocess_run(name, scale, only):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-roundtrips":
+        Bench(sys.argv[2], *BROKERS[sys.argv[2]], int(sys.argv[4])).serve_roundtrips()
+    elif len(sys.argv) > 1 and sys.argv[1] == "--one":
         print(json.dumps(run_broker(sys.argv[2], int(sys.argv[4]), sys.argv[6].split(","))))
     else:
         main()

@@ -29,6 +29,8 @@ SELECT 'CREATE DATABASE pgbroker OWNER pgbroker'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker') \gexec
 SELECT 'CREATE DATABASE pgbroker_bench OWNER pgbroker'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker_bench') \gexec
+SELECT 'CREATE DATABASE pgbroker_bench_async OWNER pgbroker'
+WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker_bench_async') \gexec
 SELECT 'CREATE DATABASE pgbroker_bench_sqla OWNER pgbroker'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker_bench_sqla') \gexec
 SQL
