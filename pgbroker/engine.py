@@ -219,18 +219,24 @@ class JobEngine:
             prev = merged.get(key)
             if prev is None or _RANK[o.op] >= _RANK[prev.op]:
                 merged[key] = o
-        statements: list[tuple[str, dict]] = [("relax_commit", {})]
+        statements: list[tuple[str, dict]] = []
         if merged:
             ms = list(merged.values())
-            statements.append(("settle", {
+            statements.append(("settle", {  # relaxes its transaction's commit itself
                 "ids": [o.job_id for o in ms], "attempts": [o.attempt for o in ms],
                 "ops": [o.op for o in ms], "errors": [o.error for o in ms], "delays": [o.delay for o in ms],
             }))
+        else:
+            statements.append(("relax_commit", {}))
         if errors:
             statements.append(("append_errors", {
                 "ids": [o.job_id for o in errors], "errors": [o.error for o in errors],
             }))
-        self.db.run_in_transaction(statements)
+        if len(statements) == 1:  # the common case: one statement, its own transaction
+            name, params = statements[0]
+            self.db.fetchall(name, **params)
+        else:
+            self.db.run_in_transaction(statements)
 
     @property
     def settler(self) -> "Settler":

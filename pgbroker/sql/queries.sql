@@ -202,7 +202,11 @@ SELECT * FROM claimed;
 
 -- name: settle
 -- Record the outcome of deliveries, batched. Fenced by (id, attempt) and state:
--- a delivery that was rescued or re-claimed since cannot change the row.
+-- a delivery that was rescued or re-claimed since cannot change the row. The rows are
+-- found by primary key (`id = ANY`); the state is compared as text so that the
+-- planner never reads jobs_executing_idx instead (a generic plan made while few jobs
+-- were executing would scan every executing job for each call). Its commit need not
+-- wait for the WAL flush (see relax_commit), so one statement is a whole write.
 -- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
 -- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
 -- the snooze spends no attempt, and meta.snoozed counts them).
@@ -224,7 +228,8 @@ UPDATE {schema}.jobs AS j SET
 FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[],
             %(delays)s::float8[])
      AS s(id, attempt, op, error, delay)
-WHERE j.id = s.id AND j.attempt = s.attempt AND j.state = 'executing';
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
+WHERE j.id = s.id AND j.attempt = s.attempt AND j.state::text = 'executing';
 
 -- name: relax_commit
 -- This transaction's commit need not wait for the WAL flush (claims and outcome
@@ -245,10 +250,11 @@ WHERE j.id = e.id;
 -- name: requeue
 -- Give a delivery back (reject with requeue, channel closed with unacked messages):
 -- the job keeps its id, hence its place in the queue, and is marked redelivered.
+-- (The state is compared as text for the reason given at settle.)
 WITH back AS (
     UPDATE {schema}.jobs AS j
     SET state = 'available', redelivered = true, attempted_by = NULL, acked = false
-    WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.state = 'executing'
+    WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.state::text = 'executing'
     RETURNING j.queue
 ), woke AS (
     SELECT pg_notify({schema}.notify_channel(queue), '') FROM back

@@ -1,6 +1,7 @@
 """The kombu transport and the job engine against a real Postgres (no Celery worker)."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -93,6 +94,41 @@ def test_acks_are_fenced_by_attempt(engine, sql, connection):
     row = jobs(sql)[0]
     assert (row["state"], row["attempt"], row["attempted_by"]) == ("executing", 2, "new-owner")
     assert not engine.requeue(job_id, attempt)
+
+
+def generic_plan(db, name: str, params: dict) -> str:
+    """EXPLAIN of the named query as pgbroker runs it: prepared, with its generic plan."""
+    names: dict[str, str] = {}  # parameter -> the cast it is first written with
+
+    def number(match):
+        names.setdefault(match.group(1), match.group(2) or "")
+        return f"${list(names).index(match.group(1)) + 1}{match.group(2) or ''}"
+
+    text = re.sub(r"%\((\w+)\)s((?:::\w+(?:\[\])?)?)", number, db.q[name])
+    with db.connection() as conn:  # plan_cache_mode = force_generic_plan there
+        conn.execute(f"PREPARE plan_probe AS {text}")
+        try:
+            arguments = ", ".join(f"%s{cast}" for cast in names.values())
+            with psycopg.ClientCursor(conn) as cur:  # EXECUTE's arguments as typed literals
+                rows = cur.execute(f"EXPLAIN EXECUTE plan_probe({arguments})", [params[n] for n in names]).fetchall()
+        finally:
+            conn.execute("DEALLOCATE plan_probe")
+    return "\n".join(r[0] for r in rows)
+
+
+def test_outcomes_and_requeues_find_their_row_by_primary_key(db, sql):
+    """Statistics taken while few jobs were executing must not make the outcome and
+    requeue statements read every executing job instead (their cost would then grow
+    with the number of jobs in flight: 2 ms per outcome with 3,000 here)."""
+    sql("""INSERT INTO {schema}.jobs (queue, state, headers, properties, body)
+           SELECT 'q', CASE WHEN g <= 5 THEN 'executing' ELSE 'completed' END::{schema}.job_state, '{}', '{}', 'x'
+           FROM generate_series(1, 5000) AS g""")
+    sql("ANALYZE {schema}.jobs")
+    sql("UPDATE {schema}.jobs SET state = 'executing' WHERE id <= 2000")  # a burst since
+    settle = {"ids": [1], "attempts": [0], "ops": ["completed"], "errors": [None], "delays": [None]}
+    for name, params in (("settle", settle), ("requeue", {"id": 1, "attempt": 0})):
+        plan = generic_plan(db, name, params)
+        assert "jobs_pkey" in plan and "jobs_executing_idx" not in plan, plan
 
 
 def test_reject_requeue_and_discard(connection, sql, engine):
