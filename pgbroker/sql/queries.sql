@@ -413,13 +413,15 @@ SELECT task_id FROM {schema}.jobs WHERE state = 'executing' AND task_id IS NOT N
 -- name: jobs_retry
 -- Run discarded or cancelled jobs once more, now: like Oban's retry, the attempt budget
 -- grows by one when it is spent; errors are kept, and meta.retried counts manual retries.
+-- (Found by task id: the state is compared as text so that the planner never scans
+-- jobs_finished_idx instead, as at settle.)
 WITH again AS (
     UPDATE {schema}.jobs AS j SET
         state = 'available', scheduled_at = now(), attempted_by = NULL, acked = false,
         completed_at = NULL, discarded_at = NULL, cancelled_at = NULL, cancelled_by = NULL,
         max_attempts = CASE WHEN j.max_attempts IS NULL THEN NULL ELSE greatest(j.max_attempts, j.attempt + 1) END,
         meta = j.meta || jsonb_build_object('retried', coalesce((j.meta->>'retried')::int, 0) + 1)
-    WHERE j.task_id = ANY(%(task_ids)s::text[]) AND j.state IN ('discarded', 'cancelled')
+    WHERE j.task_id = ANY(%(task_ids)s::text[]) AND j.state::text IN ('discarded', 'cancelled')
     RETURNING j.task_id, j.queue
 ), woke AS (
     SELECT pg_notify({schema}.notify_channel(queue), '') FROM (SELECT DISTINCT queue FROM again) q
