@@ -9,7 +9,7 @@ One command (`make bench`), every broker in the same run, on this machine:
 * pickup latency: an idle worker, one task at a time, send-to-start time (ms);
 * round trip: ``echo.delay(i).get()`` with an idle worker and each broker's usual
   result backend (pgbroker's own, Redis, RabbitMQ's ``rpc://``, SQLAlchemy's ``db+``).
-  the brokers take turns in blocks of 40 round trips, in rotating order (each with
+  The brokers take turns in blocks of 40 round trips, in rotating order (each with
   its own client process and worker, the others' workers stopped meanwhile), so
   that a slow spell of this shared machine weighs on every broker alike rather than
   on whichever ran then;

@@ -202,11 +202,11 @@ SELECT * FROM claimed;
 
 -- name: settle
 -- Record the outcome of deliveries, batched. Fenced by (id, attempt) and state:
--- a delivery that was rescued or re-claimed since cannot change the row. The rows are
--- found by primary key (`id = ANY`); the state is compared as text so that the
--- planner never reads jobs_executing_idx instead (a generic plan made while few jobs
--- were executing would scan every executing job for each call). Its commit need not
--- wait for the WAL flush (see relax_commit), so one statement is a whole write.
+-- a delivery that was rescued or re-claimed since cannot change the row. Each row is
+-- looked up by primary key: the state is compared as text so that the planner never
+-- reads jobs_executing_idx instead (a generic plan made while few jobs were executing
+-- would scan every executing job on each call). Its commit need not wait for the WAL
+-- flush (see relax_commit), so the statement alone is a whole write.
 -- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
 -- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
 -- the snooze spends no attempt, and meta.snoozed counts them).
