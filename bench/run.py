@@ -182,7 +182,7 @@ class Bench:
         are not counted."""
         self.reset()
         self.start_worker("threads")
-        pause = lambda sig: os.killpg(self.worker.pid, sig)  # noqa: E731
+        pause = lambda sig: os.killpg(self.worker.pid, sig) if self.worker is not None else None  # noqa: E731
         try:
             for i in range(10):
                 self.mod.echo.delay(i).get(timeout=30)
