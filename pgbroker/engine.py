@@ -234,7 +234,8 @@ class JobEngine:
             }))
         if len(statements) == 1:  # the common case: one statement, its own transaction
             name, params = statements[0]
-            self.db.fetchall(name, **params)
+            with self.db.connection() as conn:  # never a caller's transaction (pgbroker.atomic)
+                self.db.fetchall(name, conn, **params)
         else:
             self.db.run_in_transaction(statements)
 
