@@ -206,30 +206,39 @@ SELECT * FROM claimed;
 -- looked up by primary key: the state is compared as text so that the planner never
 -- reads jobs_executing_idx instead (a generic plan made while few jobs were executing
 -- would scan every executing job on each call). Its commit need not wait for the WAL
--- flush (see relax_commit), so the statement alone is a whole write.
+-- flush (see relax_commit), so the statement alone is a whole write. A job leaving a
+-- concurrency-limited queue frees a slot: that queue's consumers are woken to claim.
 -- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
 -- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
 -- the snooze spends no attempt, and meta.snoozed counts them).
-UPDATE {schema}.jobs AS j SET
-    state = CASE s.op WHEN 'acked' THEN j.state WHEN 'snoozed' THEN 'scheduled'
-                 ELSE s.op::{schema}.job_state END,
-    scheduled_at = CASE WHEN s.op = 'snoozed' THEN now() + make_interval(secs => s.delay) ELSE j.scheduled_at END,
-    max_attempts = CASE WHEN s.op = 'snoozed' THEN j.max_attempts + 1 ELSE j.max_attempts END,
-    meta = CASE WHEN s.op = 'snoozed'
-                THEN j.meta || jsonb_build_object('snoozed', coalesce((j.meta->>'snoozed')::int, 0) + 1)
-                ELSE j.meta END,
-    acked = j.acked OR s.op = 'acked',
-    completed_at = CASE WHEN s.op = 'completed' THEN now() ELSE j.completed_at END,
-    discarded_at = CASE WHEN s.op = 'discarded' THEN now() ELSE j.discarded_at END,
-    cancelled_at = CASE WHEN s.op = 'cancelled' THEN now() ELSE j.cancelled_at END,
-    cancelled_by = CASE WHEN s.op = 'cancelled' THEN coalesce(j.cancelled_by, 'worker ' || j.attempted_by)
-                        ELSE j.cancelled_by END,
-    errors = CASE WHEN s.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(s.error) END
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[],
-            %(delays)s::float8[])
-     AS s(id, attempt, op, error, delay)
-CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
-WHERE j.id = s.id AND j.attempt = s.attempt AND j.state::text = 'executing';
+WITH settled AS (
+    UPDATE {schema}.jobs AS j SET
+        state = CASE s.op WHEN 'acked' THEN j.state WHEN 'snoozed' THEN 'scheduled'
+                     ELSE s.op::{schema}.job_state END,
+        scheduled_at = CASE WHEN s.op = 'snoozed' THEN now() + make_interval(secs => s.delay) ELSE j.scheduled_at END,
+        max_attempts = CASE WHEN s.op = 'snoozed' THEN j.max_attempts + 1 ELSE j.max_attempts END,
+        meta = CASE WHEN s.op = 'snoozed'
+                    THEN j.meta || jsonb_build_object('snoozed', coalesce((j.meta->>'snoozed')::int, 0) + 1)
+                    ELSE j.meta END,
+        acked = j.acked OR s.op = 'acked',
+        completed_at = CASE WHEN s.op = 'completed' THEN now() ELSE j.completed_at END,
+        discarded_at = CASE WHEN s.op = 'discarded' THEN now() ELSE j.discarded_at END,
+        cancelled_at = CASE WHEN s.op = 'cancelled' THEN now() ELSE j.cancelled_at END,
+        cancelled_by = CASE WHEN s.op = 'cancelled' THEN coalesce(j.cancelled_by, 'worker ' || j.attempted_by)
+                            ELSE j.cancelled_by END,
+        errors = CASE WHEN s.error IS NULL THEN j.errors ELSE j.errors || jsonb_build_array(s.error) END
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[],
+                %(delays)s::float8[])
+         AS s(id, attempt, op, error, delay)
+    CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
+    WHERE j.id = s.id AND j.attempt = s.attempt AND j.state::text = 'executing'
+    RETURNING j.queue, j.state
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(c.name), '') FROM {schema}.queues AS c
+    WHERE c.concurrency IS NOT NULL
+      AND c.name IN (SELECT queue FROM settled WHERE state <> 'executing')
+)
+SELECT (SELECT count(*) FROM woke) AS woke;
 
 -- name: relax_commit
 -- This transaction's commit need not wait for the WAL flush (claims and outcome

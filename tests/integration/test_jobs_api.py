@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -15,8 +16,10 @@ import pgbroker
 import pgbroker.jobs as jobs
 from pgbroker import telemetry
 from pgbroker.cli import main
+from pgbroker.engine import Outcome
 from pgbroker.errors import InvalidJobOption, InvalidState
 from pgbroker.maintenance import Maintainer
+from pgbroker.message import channel_name
 
 
 def work(*args, **kwargs):
@@ -150,6 +153,38 @@ def test_concurrency_limit_holds_across_concurrent_claimers(app, engine, sql):
     assert not errors and len(claimed) == 3
     sql("UPDATE {schema}.jobs SET state = 'completed' WHERE state = 'executing'")  # they finish
     assert len(engine.claim(["limited"], 10, "claimer#9")) == 3
+
+
+def test_a_slot_freed_in_a_limited_queue_wakes_its_consumers(app, engine, db, schema, sql):
+    """Workers waiting on a concurrency-limited queue hear of a freed slot at once,
+    not at their next poll."""
+    for i in range(2):
+        app.tasks["t.work"].apply_async((i,), queue="slot")
+    jobs.limit(app, "slot", concurrency=1)
+    [(message, _)] = engine.claim(["slot"], 10, "a#1")
+    job = message["properties"]["delivery_info"]["pgbroker_job"]
+    assert engine.claim(["slot"], 10, "b#1") == []  # the one slot is taken
+    channel = channel_name(schema, "slot")
+    listener = db.listener()
+
+    def payloads_until(last):
+        """Notification payloads on the queue's channel up to ``last`` (in commit order)."""
+        seen, deadline = [], time.monotonic() + 10
+        while last not in seen and time.monotonic() < deadline:
+            seen += [n.payload for n in listener.wait(deadline - time.monotonic()) if n.channel == channel]
+        return seen
+
+    try:
+        listener.listen([channel])
+        listener.fds()  # LISTEN now
+        engine.settle([Outcome(*job, "acked")])  # still running: no slot freed
+        sql("SELECT pg_notify(%s, 'marker')", channel)
+        assert payloads_until("marker") == ["marker"]
+        engine.settle([Outcome(*job, "completed")])
+        assert payloads_until("") == [""]
+    finally:
+        listener.close()
+    assert len(engine.claim(["slot"], 10, "b#1")) == 1
 
 
 def test_rate_limit_counts_claims_per_window(app, engine, sql):
