@@ -180,9 +180,12 @@ class Bench:
         JSON list, until stdin closes. Between answers the worker is stopped (SIGSTOP),
         so that only the broker being measured runs; 5 round trips after it resumes
         are not counted."""
+        def pause(sig):
+            if self.worker is not None:
+                os.killpg(self.worker.pid, sig)
+
         self.reset()
         self.start_worker("threads")
-        pause = lambda sig: os.killpg(self.worker.pid, sig) if self.worker is not None else None  # noqa: E731
         try:
             for i in range(10):
                 self.mod.echo.delay(i).get(timeout=30)

@@ -298,11 +298,9 @@ class ResultBackend(KeyValueStoreBackend):
         run of this interval taken) and return 0.
         """
         total, counters, batch, started = 0, 0, self.options.prune_batch_size, time.monotonic()
-        first = True
         while True:
-            row = self.db.fetchone("results_prune", batch=batch,
-                                   **leader_params("prune-results", lease if first else None))
-            first = False
+            row = self.db.fetchone("results_prune", batch=batch, **leader_params("prune-results", lease))
+            lease = None  # the run's first batch took the lease; the next ones only need the lock
             total, counters = total + row["results"], counters + row["counters"]
             if not row["leader"] or (row["results"] < batch and row["counters"] < batch):
                 break

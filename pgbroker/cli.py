@@ -346,8 +346,6 @@ def _when(t, now) -> str:
 
 
 def _beat_group(get_url):
-    schema_option = SCHEMA_OPTION
-
     @click.group()
     def beat():
         """Beat entries in Postgres: list, add, enable, disable, remove, run now.
@@ -359,7 +357,7 @@ def _beat_group(get_url):
         def wrap(fn):
             @beat.command(name, help=help_text)
             @click.argument("entry")
-            @schema_option
+            @SCHEMA_OPTION
             @click.pass_context
             def command(ctx, entry, schema):
                 try:
@@ -370,7 +368,7 @@ def _beat_group(get_url):
         return wrap
 
     @beat.command("ls")
-    @schema_option
+    @SCHEMA_OPTION
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_context
     def ls(ctx, schema, as_json):
@@ -415,7 +413,7 @@ def _beat_group(get_url):
     @click.option("--max-missed", type=int, default=100, show_default=True, help="Most missed fires run with --missed all.")
     @click.option("--catch-up-on-enable", is_flag=True, help="Re-enabling counts the disabled time's fires as missed.")
     @click.option("--disabled", is_flag=True, help="Add it disabled.")
-    @schema_option
+    @SCHEMA_OPTION
     @click.pass_context
     def add(ctx, entry, task, interval, expression, tz, when, args, kwargs, queue, missed, max_missed,
             catch_up_on_enable, disabled, schema):

@@ -180,8 +180,12 @@ class Database:
         return self._identity
 
     def run_in_transaction(self, statements: Sequence[tuple[str, dict]]) -> list[dict]:
-        """Run named statements in one transaction and one round trip; rows of the last one."""
+        """Run named statements in one transaction and one round trip; rows of the last one.
+        Always on the pool (never in a caller's ``pgbroker.atomic()`` transaction); a lone
+        statement runs as its own transaction, without BEGIN/COMMIT around it."""
         with self.connection() as conn:
+            if len(statements) == 1:
+                return self.fetchall(statements[0][0], conn, **statements[0][1])
             with conn.cursor(row_factory=dict_row) as cur:
                 with conn.pipeline(), conn.transaction():
                     for name, params in statements:

@@ -222,22 +222,15 @@ class JobEngine:
         statements: list[tuple[str, dict]] = []
         if merged:
             ms = list(merged.values())
-            statements.append(("settle", {  # relaxes its transaction's commit itself
+            statements.append(("settle", {
                 "ids": [o.job_id for o in ms], "attempts": [o.attempt for o in ms],
                 "ops": [o.op for o in ms], "errors": [o.error for o in ms], "delays": [o.delay for o in ms],
             }))
-        else:
-            statements.append(("relax_commit", {}))
         if errors:
             statements.append(("append_errors", {
                 "ids": [o.job_id for o in errors], "errors": [o.error for o in errors],
             }))
-        if len(statements) == 1:  # the common case: one statement, its own transaction
-            name, params = statements[0]
-            with self.db.connection() as conn:  # never a caller's transaction (pgbroker.atomic)
-                self.db.fetchall(name, conn, **params)
-        else:
-            self.db.run_in_transaction(statements)
+        self.db.run_in_transaction(statements)  # each statement relaxes the commit itself
 
     @property
     def settler(self) -> "Settler":
@@ -300,11 +293,11 @@ class JobEngine:
         o = self.db.options
         total = {"completed": 0, "cancelled": 0, "discarded": 0, "fires": 0}
         since: dict[str, Any] = {"since_completed": None, "since_cancelled": None, "since_discarded": None}
-        for n in range(rounds):  # the lease is the first batch's; the next ones only need the lock
+        for _ in range(rounds):
             row = self.db.fetchone("jobs_prune", batch=o.prune_batch_size, completed=o.prune_completed_after,
                                    cancelled=o.prune_cancelled_after, discarded=o.prune_discarded_after,
-                                   fires=o.prune_beat_fires_after, **since,
-                                   **leader_params("prune-jobs", lease if n == 0 else None))
+                                   fires=o.prune_beat_fires_after, **since, **leader_params("prune-jobs", lease))
+            lease = None  # the run's first batch took the lease; the next ones only need the lock
             if not row["leader"]:
                 return None
             for key in total:

@@ -206,7 +206,8 @@ SELECT * FROM claimed;
 -- looked up by primary key: the state is compared as text so that the planner never
 -- reads jobs_executing_idx instead (a generic plan made while few jobs were executing
 -- would scan every executing job on each call). Its commit need not wait for the WAL
--- flush (see relax_commit), so the statement alone is a whole write. A job leaving a
+-- flush (set_config(..., true) lasts for the transaction): losing an outcome in a
+-- server crash only means a redelivery. A job leaving a
 -- concurrency-limited queue frees a slot: that queue's consumers are woken to claim.
 -- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
 -- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
@@ -240,20 +241,17 @@ WITH settled AS (
 )
 SELECT (SELECT count(*) FROM woke) AS woke;
 
--- name: relax_commit
--- This transaction's commit need not wait for the WAL flush (claims and outcome
--- writes: losing one in a server crash only means a redelivery).
-SELECT set_config('synchronous_commit', 'off', true);
-
 -- name: append_errors
 -- Add error entries to jobs whatever their state (a retried attempt's error: the
--- retry message has already moved the row on).
+-- retry message has already moved the row on). Its commit need not wait for the WAL
+-- flush either (see settle).
 UPDATE {schema}.jobs AS j SET errors = j.errors || e.entries
 FROM (
     SELECT id, jsonb_agg(error ORDER BY ord) AS entries
     FROM unnest(%(ids)s::bigint[], %(errors)s::jsonb[]) WITH ORDINALITY AS s(id, error, ord)
     GROUP BY id
 ) e
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
 WHERE j.id = e.id;
 
 -- name: requeue
