@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test bench bench-control bench-prune compat install clean
+.PHONY: demo test bench bench-control bench-prune bench-churn compat install clean
 
 $(VENV)/.installed-dev: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ ROWS ?= 1000000
 bench-prune: $(VENV)/.installed-dev
 	bash bench/services.sh
 	$(PY) bench/prune.py --rows $(ROWS)
+
+# Claim latency over minutes of publish/claim/complete beside 1M finished jobs.
+bench-churn: $(VENV)/.installed-dev
+	bash bench/services.sh
+	$(PY) bench/churn.py --rows $(ROWS)
 
 # Celery's own integration suite against pgbroker (brings up PostgreSQL with the test
 # role and database, as the benchmark does; see README).
