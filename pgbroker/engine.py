@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import psycopg
 
 from .db import Database
+from . import enqueue as _enqueue
 from .errors import DatabaseUnavailable, InvalidState
 from . import telemetry
 from . import unique as _unique
@@ -134,8 +135,11 @@ class JobEngine:
         the publish became (:func:`pgbroker.unique.duplicate_of`). (job id, stored by
         this call) in ``rows`` order; the id is None when the write was deferred."""
         keys = list(dict.fromkeys(r.unique_key for r in rows))
-        self.db.fetchall("unique_release", conn, keys=keys)
-        stored = {r["task_id"]: r["id"] for r in self.db.fetchall("enqueue_unique", conn, **_arrays(rows))}
+        self.db.fetchall("unique_release", keys=keys)  # on the pool, committed at once (see the query)
+        inserted = self.db.fetchall("enqueue_unique", conn, **_arrays(rows))
+        if isinstance(inserted, _enqueue.Deferred):  # written at the caller's commit: nothing known yet
+            return [(None, True) for _ in rows]
+        stored = {r["task_id"]: r["id"] for r in inserted}
         held = [r for r in rows if r.task_id not in stored]
         held_ids = {r.task_id for r in held}
         if held:

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import sys
 import weakref
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import ConfigurationError, ForeignTransaction, NotInTransaction, TransactionFailed
 
@@ -43,14 +44,18 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Statements that publishing runs (jobs, saved group results, chord sizes): the ones
 #: that join the caller's transaction, or wait for an async block's end or its commit.
 #: Everything else (queue declarations, reads) runs on pgbroker's pool as usual.
-DEFERRABLE = frozenset({"enqueue", "enqueue_many", "unique_release", "enqueue_unique", "result_set",
-                        "chord_size_set"})
+DEFERRABLE = frozenset({"enqueue", "enqueue_many", "enqueue_unique", "result_set", "chord_size_set"})
 #: Also joined by a sync binding: writes whose effect must follow the caller's fate.
 JOINED = DEFERRABLE | {"result_delete", "result_expire", "unique_holders"}
 
 _binding: ContextVar["Binding | None"] = ContextVar("pgbroker_binding", default=None)
 #: Database identity of each caller connection already checked (by DB-API connection).
 _identities: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+class Deferred(list):
+    """What a statement returns when its write waits for the end of an async block or
+    the caller's commit: no rows yet (not "nothing was stored")."""
 
 
 def current() -> "Binding | None":
@@ -83,9 +88,16 @@ def _run(raw, sql: str, params: dict) -> list[dict]:
     """
     if _package(raw) == "psycopg":
         import psycopg
+        from psycopg.rows import tuple_row
 
-        with psycopg.Cursor(raw) as cur:
+        with psycopg.Cursor(raw, row_factory=tuple_row) as cur:  # whatever row factory the caller set
             cur.execute(sql, params, prepare=True)
+            return _dbapi_rows(cur)
+    if _package(raw) == "psycopg2":
+        import psycopg2.extensions
+
+        with raw.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:  # not the caller's dict cursor
+            cur.execute(sql, params)
             return _dbapi_rows(cur)
     with raw.cursor() as cur:
         cur.execute(sql, params)
@@ -127,20 +139,35 @@ class _Psycopg2(_Psycopg):
 
 
 class _SQLAlchemy:
-    """A SQLAlchemy Connection (a Session is unwrapped to its connection, which begins it)."""
+    """A SQLAlchemy Session or Connection.
+
+    A Session is asked for its connection at every write: that begins its transaction
+    when none is open, and emits a ``begin_nested()`` savepoint that SQLAlchemy has
+    not sent yet, so a publish inside it is rolled back with it.
+    """
 
     def __init__(self, conn, session=None):
         self.conn = conn
         self.session = session
         self.raw = conn.connection.driver_connection
 
-    def execute(self, sql: str, params: dict) -> list[dict]:
-        if not self.conn.in_transaction():
+    def _current(self):
+        if self.session is not None:
+            self.conn = self.session.connection()
+            self.raw = self.conn.connection.driver_connection
+        elif not self.conn.in_transaction():
             self.conn.begin()  # what SQLAlchemy does on a caller's first statement (autobegin)
-        return _run(self.raw, sql, params)
+        return self.raw
+
+    def execute(self, sql: str, params: dict) -> list[dict]:
+        return _run(self._current(), sql, params)
 
     def in_transaction(self) -> bool:
-        return True  # SQLAlchemy 2 begins one on the first statement; commit() ends it
+        """False when the driver connection commits every statement (an engine or
+        connection with ``isolation_level="AUTOCOMMIT"``)."""
+        raw = self._current()
+        adapter = {"psycopg": _Psycopg, "psycopg2": _Psycopg2}.get(_package(raw))
+        return adapter(raw).in_transaction() if adapter is not None else True
 
     def name(self) -> str:
         return "SQLAlchemy session" if self.session is not None else "SQLAlchemy connection"
@@ -209,8 +236,9 @@ class _AsyncPsycopg:
 
     async def execute(self, sql: str, params: dict) -> list[dict]:
         import psycopg
+        from psycopg.rows import tuple_row
 
-        async with psycopg.AsyncCursor(self.raw) as cur:  # server-side binding, prepared once
+        async with psycopg.AsyncCursor(self.raw, row_factory=tuple_row) as cur:  # prepared once
             await cur.execute(sql, params, prepare=True)
             if cur.description is None:
                 return []
@@ -301,7 +329,7 @@ class Binding:
             if name not in DEFERRABLE:
                 return None
             self._defer_until_commit(db, name, params)
-            return []
+            return Deferred()
         return self._execute_raw(db.q[name], params)
 
     def _defer_until_commit(self, db: "Database", name: str, params: dict) -> None:
@@ -331,7 +359,7 @@ class AsyncBinding(Binding):
         if name not in DEFERRABLE or _is_retry(name, params):
             return None  # reads and other statements run on the pool, as outside the block
         self.pending.append((db, name, params))
-        return []
+        return Deferred()
 
     async def flush(self) -> None:
         if not self.pending:
@@ -355,15 +383,31 @@ class AsyncBinding(Binding):
             self.pending.clear()
 
 
+class _Pool:
+    """A binding that joins nothing: every statement runs on pgbroker's pool (it also
+    keeps Django's ``atomic()`` from being joined through ``join_django_atomic``)."""
+
+    def fetchall(self, db: "Database", name: str, params: dict) -> None:
+        return None
+
+
+@contextmanager
+def unbound() -> Iterator[None]:
+    """Within this block pgbroker's writes go to its pool, whatever transaction the
+    caller has open: for writes whose effect must not depend on it."""
+    token = _binding.set(_Pool())
+    try:
+        yield
+    finally:
+        _binding.reset(token)
+
+
 def _unbound(fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` run with no binding in effect (commit hooks may fire inside another atomic())."""
 
     def run():
-        token = _binding.set(None)
-        try:
+        with unbound():
             fn()
-        finally:
-            _binding.reset(token)
 
     return run
 

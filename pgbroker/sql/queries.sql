@@ -19,7 +19,7 @@ SELECT task_id, queue, task,
        headers, properties, body, content_type, content_encoding,
        headers->'pgbroker_unique'->>'key',
        ARRAY(SELECT jsonb_array_elements_text(headers->'pgbroker_unique'->'states'))::{schema}.job_state[],
-       now() + make_interval(secs => (headers->'pgbroker_unique'->>'period')::float8),
+       statement_timestamp() + make_interval(secs => (headers->'pgbroker_unique'->>'period')::float8),
        coalesce(headers->'pgbroker_meta', '{}'), (headers->>'pgbroker_max_attempts')::integer
 FROM input ORDER BY ord
 
@@ -98,7 +98,10 @@ WITH input AS (
 
 -- name: unique_release
 -- Free the unique keys about to be published whose holder left its unique states or
--- outlived its period (the row lock orders concurrent publishers of a key).
+-- outlived its period. Always its own transaction, even for a publish inside the
+-- caller's: freeing such a key is right whatever becomes of the publish, and a row
+-- lock held until the caller commits would stall the worker recording the holder's
+-- outcome. (Concurrent publishers of a key are ordered by the unique index.)
 UPDATE {schema}.jobs SET unique_key = NULL
 WHERE unique_key = ANY(%(keys)s::text[])
   AND (unique_until <= now() OR NOT (state = ANY(unique_states)));

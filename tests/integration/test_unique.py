@@ -127,3 +127,51 @@ def test_eight_processes_racing_on_a_thousand_keys_store_one_job_per_key(broker_
     counts = sql("SELECT count(*) AS n, count(DISTINCT unique_key) AS keys FROM {schema}.jobs")[0]
     assert counts == {"n": 1000, "keys": 1000}
     assert sum(duplicates) == 7000
+
+
+def test_publishing_in_an_open_transaction_leaves_a_stale_holder_unlocked(app, sql, database_url, schema):
+    """Freeing a key whose holder finished is committed at once: the caller's open
+    transaction must not hold the holder's row (the worker records its outcome there)."""
+    holder = app.send_task(TASK, args=["lock"], unique={})
+    sql("UPDATE {schema}.jobs SET state = 'completed' WHERE task_id = %s", holder.id)
+    with psycopg.connect(database_url) as conn:
+        with pgbroker.atomic(conn):
+            new = app.send_task(TASK, args=["lock"], unique={})
+        with psycopg.connect(database_url, autocommit=True) as other:
+            other.execute("SET lock_timeout = '2s'")
+            other.execute(f'UPDATE "{schema}".jobs SET attempted_by = attempted_by WHERE task_id = %s', [holder.id])
+        conn.commit()
+    assert duplicate_of(new.id) is None
+    assert [(j["task_id"], j["unique_key"] is not None) for j in jobs(sql)] == [(holder.id, False), (new.id, True)]
+
+
+def test_a_unique_period_counts_from_the_publish_not_the_transactions_start(app, sql, database_url):
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SELECT pg_sleep(0.5)")  # the transaction began half a second ago
+        with pgbroker.atomic(conn):
+            app.send_task(TASK, args=["period"], unique={"period": 10})
+        conn.commit()
+    [row] = sql("SELECT extract(epoch FROM unique_until - inserted_at)::float8 AS held FROM {schema}.jobs")
+    assert row["held"] >= 10.4
+
+
+def test_a_unique_publish_waiting_for_the_commit_does_not_name_a_holder(app, sql, database_url):
+    """With foreign='after_commit' the write waits for the caller's commit: whether the
+    key is held is not known at publish time, so no holder is named."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    holder = app.send_task(TASK, args=["later"], unique={})
+    sql("UPDATE {schema}.jobs SET state = 'completed' WHERE task_id = %s", holder.id)
+    info = psycopg.conninfo.conninfo_to_dict(database_url)
+    assert info.get("dbname") != "postgres"
+    engine = create_engine(f"postgresql+psycopg://{info.get('user')}:{info.get('password') or ''}@"
+                           f"{info.get('host') or ''}{':' + str(info['port']) if info.get('port') else ''}/postgres")
+    try:
+        with Session(engine) as session, session.begin():
+            with pgbroker.atomic(session, foreign="after_commit"):
+                new = app.send_task(TASK, args=["later"], unique={})
+            assert duplicate_of(new.id) is None and len(jobs(sql)) == 1
+    finally:
+        engine.dispose()
+    assert [j["task_id"] for j in jobs(sql)] == [holder.id, new.id]

@@ -1,0 +1,88 @@
+"""pgbroker.atomic() with callers configured their own way: row factories and cursor
+classes, autocommit engines, SQLAlchemy savepoints, a revoke inside the transaction."""
+from __future__ import annotations
+
+import psycopg
+import pytest
+from celery import Celery
+from psycopg.rows import dict_row
+
+import pgbroker
+
+TASK = "tests.atomic.noop"
+
+
+@pytest.fixture
+def app(broker_url, transport_options, db):
+    app = Celery("atomic-callers", broker=broker_url, backend=broker_url, set_as_current=False)
+    app.conf.update(broker_transport_options=transport_options)
+    app.backend.db  # this process's result backend on the broker's database
+    yield app
+    app.close()
+
+
+def task_ids(sql) -> list[str]:
+    return [r["task_id"] for r in sql("SELECT task_id FROM {schema}.jobs ORDER BY id")]
+
+
+def sqlalchemy_engine(database_url, **kwargs):
+    from sqlalchemy import create_engine
+
+    return create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1), **kwargs)
+
+
+def test_a_callers_row_factory_or_cursor_class_does_not_matter(app, sql, database_url):
+    import psycopg2
+    import psycopg2.extras
+
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        with pgbroker.atomic(conn):
+            first = app.send_task(TASK)
+    conn2 = psycopg2.connect(database_url, cursor_factory=psycopg2.extras.RealDictCursor)
+    try:
+        with pgbroker.atomic(conn2):
+            second = app.send_task(TASK)
+        conn2.commit()
+    finally:
+        conn2.close()
+    assert task_ids(sql) == [first.id, second.id]
+
+
+def test_an_autocommit_sqlalchemy_engine_is_not_a_transaction(app, sql, database_url):
+    engine = sqlalchemy_engine(database_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(pgbroker.NotInTransaction):
+                with pgbroker.atomic(conn):
+                    app.send_task(TASK)
+    finally:
+        engine.dispose()
+    assert task_ids(sql) == []
+
+
+def test_a_rolled_back_session_savepoint_takes_its_jobs_with_it(app, sql, database_url):
+    from sqlalchemy.orm import Session
+
+    engine = sqlalchemy_engine(database_url)
+    try:
+        with Session(engine) as session, session.begin(), pgbroker.atomic(session):
+            kept = app.send_task(TASK)
+            savepoint = session.begin_nested()  # SQLAlchemy sends SAVEPOINT only when asked for the connection
+            app.send_task(TASK)
+            savepoint.rollback()
+            after = app.send_task(TASK)
+    finally:
+        engine.dispose()
+    assert task_ids(sql) == [kept.id, after.id]
+
+
+def test_a_revoke_inside_a_rolled_back_transaction_still_answers_waiters(app, sql, database_url):
+    """The revoke cancels the job for good on pgbroker's pool; its REVOKED result is
+    written there too, so whoever waits for the task gets an answer."""
+    job = app.send_task(TASK)
+    with psycopg.connect(database_url) as conn:
+        with pgbroker.atomic(conn):
+            app.control.revoke(job.id)
+        conn.rollback()
+    assert sql("SELECT state FROM {schema}.jobs WHERE task_id = %s", job.id)[0]["state"] == "cancelled"
+    assert app.AsyncResult(job.id).state == "REVOKED"
