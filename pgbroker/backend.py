@@ -31,6 +31,7 @@ from celery.exceptions import TimeoutError
 from celery.result import AsyncResult, ResultSet, task_join_will_block
 from kombu.utils.encoding import bytes_to_str
 
+from . import enqueue as _enqueue
 from . import telemetry
 from .config import Options, conninfo_from_url, mask_url
 from .db import Database
@@ -104,10 +105,11 @@ class ResultWaiter:
                         self._notified.pop(key, None)
 
     def take(self, keys: Iterable[str]) -> dict[str, bytes | None]:
-        """The keys notified since the last call: their stored value when the
-        notification carried it, else None (then it must be read)."""
+        """The keys notified so far (the latest notification of each): their stored
+        value when the notification carried it, else None (then it must be read).
+        Kept for every thread waiting on the key until the last one stops watching."""
         with self._lock:
-            return {k: self._notified.pop(k) for k in keys if k in self._notified}
+            return {k: self._notified[k] for k in keys if k in self._notified}
 
     def close(self) -> None:
         """Stop listening (the process is done with this database)."""
@@ -165,11 +167,13 @@ def _columns(meta: dict | None = None, request: Any = None) -> dict[str, Any]:
 
 def mark_revoked(db: Database, task_ids: Iterable[str]) -> None:
     """Store REVOKED for cancelled tasks when pgbroker on ``db`` is this process's result
-    backend, so that whoever waits for them gets an answer."""
+    backend, so that whoever waits for them gets an answer. Written on the pool, as
+    the cancellation was, even inside ``pgbroker.atomic()``."""
     backend = backend_for(db) if task_ids else None
     if backend is not None:
-        for task_id in task_ids:
-            backend.mark_as_revoked(task_id, "revoked")
+        with _enqueue.unbound():
+            for task_id in task_ids:
+                backend.mark_as_revoked(task_id, "revoked")
 
 
 def backend_for(db: Database) -> "ResultBackend | None":
@@ -266,7 +270,8 @@ class ResultBackend(KeyValueStoreBackend):
         return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
 
     def expire(self, key, value):
-        self.db.fetchall("result_expire", key=bytes_to_str(key), seconds=value)
+        """Celery passes 0 for "never" (``result_expires=None`` or 0)."""
+        self.db.fetchall("result_expire", key=bytes_to_str(key), seconds=value or None)
 
     def set_chord_size(self, group_id, chord_size):
         """Celery's canvas tells the real number of parts of a chord header (a chain

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from celery import Celery, states
+
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -72,3 +75,42 @@ def test_result_too_large_is_refused(make_app, transport_options):
     with pytest.raises(ResultTooLarge, match="max_result_size=1000"):
         app.backend.store_result("t-4", "x" * 2000, states.SUCCESS)
     assert app.AsyncResult("t-4").state == states.PENDING
+
+
+@pytest.mark.parametrize("expires", [None, 0])
+def test_results_that_never_expire_keep_their_saved_groups(make_app, sql, expires):
+    """Celery asks for expire(key, 0) when results never expire (a chord saves its group
+    so): the row must stay readable, not expire at once."""
+    from celery.result import GroupResult
+
+    app = make_app(result_expires=expires)
+    saved = GroupResult("g-forever", [app.AsyncResult("m-1")], app=app)
+    saved.save()
+    app.backend.expire(app.backend.get_key_for_group("g-forever"), 0)
+    assert GroupResult.restore("g-forever", app=app).results == saved.results
+    assert sql("SELECT expires_at FROM {schema}.results WHERE key LIKE '%%g-forever'")[0]["expires_at"] is None
+
+
+def test_every_thread_waiting_for_a_task_wakes_on_its_result(make_app):
+    """Four threads wait for one task: the notification wakes them all (the re-read
+    every result_polling_interval is 60 s; get() also reads once more at its timeout)."""
+    app = make_app(result_polling_interval=60)
+    got, started = [], threading.Barrier(5)
+
+    def wait():
+        started.wait(10)
+        value = app.AsyncResult("shared").get(timeout=20)
+        got.append((value, time.monotonic()))
+
+    threads = [threading.Thread(target=wait) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait(10)
+    waiter = wait_for(lambda: getattr(app.backend.db, "_result_waiter", None), timeout=10)
+    wait_for(lambda: len(waiter._watchers.get(app.backend.get_key_for_task("shared").decode(), ())) == 4, timeout=10)
+    stored = time.monotonic()
+    app.backend.store_result("shared", 5, states.SUCCESS)
+    for t in threads:
+        t.join(30)
+    assert [value for value, _ in got] == [5, 5, 5, 5]
+    assert max(at for _, at in got) - stored < 5
