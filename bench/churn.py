@@ -21,12 +21,9 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from prune import traffic  # noqa: E402
+from prune import fresh_engine, seed_finished, traffic  # noqa: E402
 from run import PG  # noqa: E402
 
-from pgbroker.config import Options  # noqa: E402
-from pgbroker.db import Database  # noqa: E402
-from pgbroker.engine import engine_for  # noqa: E402
 
 SCHEMA = "churn_bench"
 BODY = "x" * 1200  # about a Celery message's size (headers, properties, body)
@@ -47,20 +44,12 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=15.0, help="seconds per reported line")
     args = parser.parse_args()
     url = f"postgresql://{PG}/pgbroker_bench"
+    engine = fresh_engine(url, SCHEMA)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-    db = Database(url, Options(schema=SCHEMA))
-    db.ensure_ready()
-    engine = engine_for(db)
-    with psycopg.connect(url, autocommit=True) as conn:
-        t0 = time.perf_counter()
-        conn.execute(f"INSERT INTO {SCHEMA}.jobs (queue, task, state, body, completed_at) "
-                     f"SELECT 'done', 't', 'completed', %s, now() - g * interval '1 ms' "
-                     f"FROM generate_series(1, %s) AS g", (BODY, args.rows))
-        conn.execute(f"VACUUM ANALYZE {SCHEMA}.jobs")
+        seed_finished(conn, SCHEMA, args.rows, body=BODY)
         options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
                                (f"{SCHEMA}.jobs",)).fetchone()[0]
-        print(f"seeded {args.rows:,} finished jobs in {time.perf_counter() - t0:.0f}s; jobs table options {options}")
+        print(f"jobs table options {options}")
         out = {"publish": [], "claim": []}
         stop = threading.Event()
         worker = threading.Thread(target=traffic, args=(engine, stop, out))
@@ -83,7 +72,7 @@ def main() -> int:
             worker.join()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-    db.close()
+    engine.db.close()
     return 0
 
 

@@ -47,6 +47,25 @@ def traffic(engine, stop: threading.Event, out: dict) -> None:
         out["claim"].append(t2 - t1)
 
 
+def fresh_engine(url: str, schema: str, **options):
+    """A JobEngine on ``schema``, created anew (dropped first if it exists)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    db = Database(url, Options(schema=schema, **options))
+    db.ensure_ready()
+    return engine_for(db)
+
+
+def seed_finished(conn, schema: str, rows: int, body: str = "x", age: str = "0") -> None:
+    """``rows`` completed jobs, finished ``age`` ago and 1 ms apart, then VACUUM ANALYZE."""
+    t0 = time.perf_counter()
+    conn.execute(f"INSERT INTO {schema}.jobs (queue, task, state, body, completed_at) "
+                 f"SELECT 'done', 't', 'completed', %s, now() - %s::interval - g * interval '1 ms' "
+                 f"FROM generate_series(1, %s) AS g", (body, age, rows))
+    conn.execute(f"VACUUM ANALYZE {schema}.jobs")
+    print(f"seeded {rows:,} completed jobs in {time.perf_counter() - t0:.1f}s")
+
+
 def measure(engine, seconds: float) -> dict:
     out = {"publish": [], "claim": []}
     stop = threading.Event()
@@ -63,19 +82,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
     url = f"postgresql://{PG}/pgbroker_bench"
-    schema = "prune_bench"
+    engine = fresh_engine(url, "prune_bench", prune_completed_after=60.0)
+    db = engine.db
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    db = Database(url, Options(schema=schema, prune_completed_after=60.0))
-    db.ensure_ready()
-    engine = engine_for(db)
-    with psycopg.connect(url, autocommit=True) as conn:
-        t0 = time.perf_counter()
-        conn.execute(f"INSERT INTO {schema}.jobs (queue, task, state, body, completed_at) "
-                     f"SELECT 'done', 't', 'completed', 'x', now() - interval '2 minutes' - g * interval '1 ms' "
-                     f"FROM generate_series(1, %s) AS g", (args.rows,))
-        conn.execute(f"VACUUM ANALYZE {schema}.jobs")
-        print(f"seeded {args.rows:,} completed jobs in {time.perf_counter() - t0:.1f}s")
+        seed_finished(conn, "prune_bench", args.rows, age="2 minutes")
     quiet = measure(engine, 5)
     stop = threading.Event()
     during = {"publish": [], "claim": []}

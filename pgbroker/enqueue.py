@@ -165,9 +165,8 @@ class _SQLAlchemy:
     def in_transaction(self) -> bool:
         """False when the driver connection commits every statement (an engine or
         connection with ``isolation_level="AUTOCOMMIT"``)."""
-        raw = self._current()
-        adapter = {"psycopg": _Psycopg, "psycopg2": _Psycopg2}.get(_package(raw))
-        return adapter(raw).in_transaction() if adapter is not None else True
+        driver = _driver(self._current())
+        return driver.in_transaction() if driver is not None else True
 
     def name(self) -> str:
         return "SQLAlchemy session" if self.session is not None else "SQLAlchemy connection"
@@ -191,13 +190,22 @@ class _Django:
         return f"Django connection {self.conn.alias!r}"
 
 
-def _unwrap(obj: Any):
-    """An adapter for a sync caller connection, or None when ``obj`` is not one."""
+def _driver(obj: Any):
+    """The adapter of a psycopg 3 / psycopg2 connection, or None when ``obj`` is not one."""
     package = _package(obj)
     if package == "psycopg2":
         return _Psycopg2(obj)
     if package == "psycopg" and type(obj).__name__ == "Connection":
         return _Psycopg(obj)
+    return None
+
+
+def _unwrap(obj: Any):
+    """An adapter for a sync caller connection, or None when ``obj`` is not one."""
+    driver = _driver(obj)
+    if driver is not None:
+        return driver
+    package = _package(obj)
     if package == "sqlalchemy":
         from sqlalchemy.engine import Connection
         from sqlalchemy.orm import Session
