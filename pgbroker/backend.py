@@ -23,13 +23,16 @@ import threading
 import time
 from collections import OrderedDict
 from datetime import datetime
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from celery import states
+from celery.app.task import Context
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError
 from celery.result import AsyncResult, ResultSet, task_join_will_block
+from kombu.serialization import loads as serializer_loads, prepare_accept_content
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads as json_loads
 
 from . import enqueue as _enqueue
 from . import telemetry
@@ -165,15 +168,39 @@ def _columns(meta: dict | None = None, request: Any = None) -> dict[str, Any]:
     }
 
 
-def mark_revoked(db: Database, task_ids: Iterable[str]) -> None:
-    """Store REVOKED for cancelled tasks when pgbroker on ``db`` is this process's result
-    backend, so that whoever waits for them gets an answer. Written on the pool, as
-    the cancellation was, even inside ``pgbroker.atomic()``."""
-    backend = backend_for(db) if task_ids else None
+def mark_revoked(db: Database, cancelled: Sequence[dict]) -> None:
+    """Store REVOKED for cancelled tasks (rows of :meth:`JobEngine.cancel`) when pgbroker
+    on ``db`` is this process's result backend, so that whoever waits for them gets an
+    answer, and count a cancelled chord part as returned (as a worker does when it skips
+    a revoked task), so that its chord fails instead of waiting forever. Written on the
+    pool, as the cancellation was, even inside ``pgbroker.atomic()``."""
+    backend = backend_for(db) if cancelled else None
     if backend is not None:
         with _enqueue.unbound():
-            for task_id in task_ids:
-                backend.mark_as_revoked(task_id, "revoked")
+            for row in cancelled:
+                request = _chord_part_request(backend, row["task_id"], row.get("message"))
+                backend.mark_as_revoked(row["task_id"], "revoked", request=request)
+
+
+def _chord_part_request(backend: "ResultBackend", task_id: str, message: str | None) -> Context | None:
+    """Celery's request context of a chord part from its stored kombu message (protocol
+    2: headers, and the body's embedded chord), else None."""
+    if not message:
+        return None
+    try:
+        message = json_loads(message)
+        body = message["body"]
+        if message["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, embed = serializer_loads(body, message["content-type"], message["content-encoding"],
+                                               accept=prepare_accept_content(backend.app.conf.accept_content))
+    except Exception as exc:
+        logger.warning("pgbroker: cancelled task %s: its message could not be read (%r); "
+                       "a chord it belongs to is not told", task_id, exc)
+        return None
+    if not (embed or {}).get("chord"):
+        return None
+    return Context(message["headers"], args=args, kwargs=kwargs, **embed, id=task_id)
 
 
 def backend_for(db: Database) -> "ResultBackend | None":

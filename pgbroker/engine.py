@@ -342,21 +342,23 @@ class JobEngine:
 
     # -- cancelling ------------------------------------------------------------------------------
 
-    def cancel(self, task_ids: Sequence[str], by: str, running: bool = False) -> list[str]:
+    def cancel(self, task_ids: Sequence[str], by: str, running: bool = False) -> list[dict]:
         """Cancel the not yet started jobs of these Celery task ids for good; returns
-        the task ids cancelled. With ``running``, also record ``by`` on running jobs
-        (their worker is asked to terminate them and reports the outcome)."""
+        one row per job cancelled: its ``task_id``, and its kombu ``message`` (JSON) when
+        it is in a Celery group, else None. With ``running``, also record ``by`` on
+        running jobs (their worker is asked to terminate them and reports the outcome)."""
         rows = self.db.fetchall("jobs_cancel", task_ids=list(task_ids), by=by, running=running)
-        return [r["task_id"] for r in rows if r["cancelled"]]
+        return [r for r in rows if r["cancelled"]]
 
-    def cancel_where(self, by: str, batch: int = 1000, **where: Any) -> Iterator[list[str]]:
+    def cancel_where(self, by: str, batch: int = 1000, **where: Any) -> Iterator[list[dict]]:
         """Cancel not yet started jobs matching ``where`` (:func:`job_filter`), a batch
-        per transaction; yields the task ids (None for plain messages) of each batch."""
+        per transaction; yields the rows of each batch, as :meth:`cancel` returns them
+        (``task_id`` is None for plain messages)."""
         while True:
             rows = self.db.fetchall("jobs_cancel_where", by=by, batch=batch, **job_filter(**where))
             if not rows:
                 return
-            yield [r["task_id"] for r in rows]
+            yield rows
 
     def executing_task_ids(self, **where: Any) -> list[str]:
         """Celery task ids of executing jobs matching ``where``."""

@@ -110,16 +110,17 @@ def cancel(source: Any, task_ids: Sequence[str] | None = None, queue: str | None
     by = by or f"pgbroker.jobs.cancel on {socket.gethostname()}/{os.getpid()}"
     where = {"queue": queue, "task": task, "meta": meta,
              "task_ids": builtins.list(task_ids) if task_ids is not None else None}
+    from .backend import mark_revoked
+
     cancelled: builtins.list[str] = []
     total = 0
     for batch in engine.cancel_where(by, states=states, **where):
         total += len(batch)
-        cancelled += [t for t in batch if t is not None]
+        tasks = [r for r in batch if r["task_id"] is not None]
+        cancelled += [r["task_id"] for r in tasks]
+        mark_revoked(engine.db, tasks)
         if progress is not None:
             progress(len(batch))
-    from .backend import mark_revoked
-
-    mark_revoked(engine.db, cancelled)
     running = engine.executing_task_ids(**where) if revoke else []
     if running:  # the broadcast goes through the transport, which records who asked on the jobs
         if hasattr(source, "control"):

@@ -402,9 +402,17 @@ ORDER BY id DESC LIMIT %(limit)s;
 -- name: jobs_count
 SELECT count(*) AS n FROM {schema}.jobs WHERE {job_filter};
 
+-- fragment: chord_member
+-- The kombu message of a cancelled job in a Celery group (else NULL): its result
+-- backend still counts it as a returned part of the group's chord, as a worker
+-- does when it skips a revoked task.
+CASE WHEN j.headers->>'group' IS NOT NULL AND j.state = 'cancelled' THEN jsonb_build_object(
+    'headers', j.headers, 'properties', j.properties, 'body', j.body,
+    'content-type', j.content_type, 'content-encoding', j.content_encoding)::text END AS message
+
 -- name: jobs_cancel_where
 -- Cancel up to %(batch)s matching jobs that have not started (available, scheduled,
--- retryable). FOR UPDATE waits for a concurrent claim instead of skipping its rows:
+-- retryable), returning their task ids and the message of those in a group. FOR UPDATE waits for a concurrent claim instead of skipping its rows:
 -- once it commits they are executing, no longer match, and the caller revokes them.
 WITH target AS (
     SELECT id FROM {schema}.jobs
@@ -414,7 +422,7 @@ WITH target AS (
 )
 UPDATE {schema}.jobs AS j SET state = 'cancelled', cancelled_at = now(), cancelled_by = %(by)s
 FROM target WHERE j.id = target.id AND j.state IN ('available', 'scheduled', 'retryable')
-RETURNING j.task_id;
+RETURNING j.task_id, {chord_member};
 
 -- name: jobs_executing_where
 -- The Celery task ids of matching executing jobs (to be revoked).
@@ -666,14 +674,14 @@ SELECT (SELECT count(*) FROM gone) AS queues, (SELECT count(*) FROM emptied) AS 
 -- is never delivered, whatever happens to the workers. Running jobs are left to
 -- their worker (which reports a terminated task as cancelled); with %(running)s
 -- they only record `by`, who asked for them to be terminated. Returns the task ids
--- cancelled here.
+-- cancelled here, with the message of those in a group (a chord counts its parts).
 UPDATE {schema}.jobs AS j SET
     state = CASE WHEN j.state = 'executing' THEN j.state ELSE 'cancelled' END,
     cancelled_at = CASE WHEN j.state = 'executing' THEN j.cancelled_at ELSE now() END,
     cancelled_by = %(by)s
 WHERE j.task_id = ANY(%(task_ids)s::text[])
   AND (j.state IN ('available', 'scheduled', 'retryable') OR (%(running)s AND j.state = 'executing'))
-RETURNING j.task_id, j.state = 'cancelled' AS cancelled;
+RETURNING j.task_id, j.state = 'cancelled' AS cancelled, {chord_member};
 
 -- name: jobs_scheduled_listing
 -- The Celery tasks of the given queues waiting for their ETA, as one consuming

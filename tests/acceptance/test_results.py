@@ -202,3 +202,25 @@ def test_expired_task_is_revoked(results_app, start_worker, sql):
     assert r.state == "REVOKED"
     wait_for(lambda: sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s AND state = 'cancelled'", r.id),
              10, what="job row cancelled")
+
+
+def test_revoked_chord_part_fails_the_chord(results_app, start_worker):
+    """A chord part cancelled before it runs (a revoke, or the job API) counts as returned,
+    as a worker counts a revoked task it skips: the chord fails instead of waiting forever."""
+    from celery.exceptions import ChordError
+
+    from pgbroker import jobs
+
+    m = results_app
+    start_worker(pool="threads")
+    for cancel in (lambda task_id: m.app.control.revoke(task_id),
+                   lambda task_id: jobs.cancel(m.app, task_ids=[task_id])):
+        later = m.add.s(2, 2).set(countdown=600)
+        result = chord([m.add.s(1, 1), later], m.tsum.s()).apply_async()
+        part = result.parent.results[1]
+        assert part.state == "PENDING"
+        cancel(part.id)
+        body = m.app.AsyncResult(result.id)  # no parents: wait for the chord's own outcome
+        with pytest.raises(ChordError, match="TaskRevokedError"):
+            body.get(timeout=30)
+        assert part.state == "REVOKED"
