@@ -73,12 +73,24 @@ class ResultWaiter:
         self._closed = threading.Event()
         self._listener = db.listener()
         self._listener.listen([self.channel])
-        self._listener.fds()  # connect now: notifications from here on are seen
+        self._listening = False  # expected keys are kept only while the LISTEN connection is up
+        self._connect()
         threading.Thread(target=self._run, name="pgbroker-results", daemon=True).start()
+
+    def _connect(self) -> None:
+        """(Re)connect the LISTEN connection: notifications from here on are seen."""
+        try:
+            self._listener.fds()
+        except DatabaseUnavailable:
+            return  # waiters read instead; the dispatcher thread tries again
+        with self._lock:
+            self._listening = True
 
     def expect(self, key: str) -> None:
         """Start keeping ``key``'s notifications: call before its task is published."""
         with self._lock:
+            if not self._listening:
+                return
             self._expected[key] = None
             while len(self._expected) > self.MAX_EXPECTED:
                 old, _ = self._expected.popitem(last=False)
@@ -121,6 +133,8 @@ class ResultWaiter:
 
     def _run(self) -> None:
         while not self._closed.is_set():
+            if not self._listening:
+                self._connect()
             try:
                 notes = self._listener.wait(5.0)
             except DatabaseUnavailable as exc:  # waiters fall back to polling meanwhile
@@ -128,8 +142,9 @@ class ResultWaiter:
                     break
                 logger.warning("pgbroker: result notifications interrupted (%s); reconnecting", exc)
                 with self._lock:
+                    self._listening = False
                     self._expected.clear()  # notifications may have been missed
-                time.sleep(1.0)
+                self._closed.wait(1.0)
                 continue
             with self._lock:
                 for note in notes:
@@ -415,6 +430,22 @@ class ResultBackend(KeyValueStoreBackend):
                 on_message(meta)
             yield task_id, meta
 
+    def _when_reachable(self, call, deadline: float | None, timeout: float | None):
+        """``call()``, tried again every ``result_polling_interval`` while the database is
+        unreachable (a waiting ``get()`` rides out an outage, as a result write does);
+        Celery's TimeoutError once ``deadline`` has passed."""
+        while True:
+            try:
+                return call()
+            except DatabaseUnavailable as exc:
+                wait = self.polling_interval
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"The operation timed out ({timeout}): {exc}") from exc
+                logger.warning("pgbroker: reading results failed (%s); trying again in %.1f s", exc, wait)
+                time.sleep(wait)
+
     def _wait(self, task_ids, timeout, on_interval, first_only=False, max_iterations=None,
               wake_on: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
         """Yield (task id, meta) as the tasks' results become ready; also wake (and run
@@ -429,9 +460,9 @@ class ResultBackend(KeyValueStoreBackend):
             return
         keys = {bytes_to_str(self.get_key_for_task(t)): t for t in pending}
         watched = [*keys, *(bytes_to_str(self.get_key_for_task(t)) for t in wake_on)]
-        waiter = _waiter_for(self.db)
-        event, known = waiter.watch(watched)
         deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = self._when_reachable(lambda: _waiter_for(self.db), deadline, timeout)
+        event, known = waiter.watch(watched)
         iterations, woken, first = 0, False, True
         try:
             while pending:
@@ -448,7 +479,7 @@ class ResultBackend(KeyValueStoreBackend):
                     read = want
                 first = False
                 if read:
-                    values.update(zip(read, self.mget(read)))
+                    values.update(zip(read, self._when_reachable(lambda: self.mget(read), deadline, timeout)))
                 # As Celery's Redis backend does after every wake-up: AsyncResult.get()
                 # passes a check that raises a failed parent's own error (a chord whose
                 # header failed raises that task's exception, not the body's ChordError).

@@ -114,3 +114,38 @@ def test_every_thread_waiting_for_a_task_wakes_on_its_result(make_app):
         t.join(30)
     assert [value for value, _ in got] == [5, 5, 5, 5]
     assert max(at for _, at in got) - stored < 5
+
+
+def test_get_rides_out_a_short_database_outage(make_app, broker_url, database_url, caplog):
+    """The connection under a waiting get() dies: it keeps waiting (re-reading every
+    result_polling_interval) and returns the result once the database is back."""
+    from urllib.parse import urlsplit
+
+    from tests.helpers import TcpProxy
+
+    u = urlsplit(database_url)
+    proxy = TcpProxy(u.hostname, u.port or 5432)
+    try:
+        writer = make_app()
+        via_proxy = broker_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
+        reader = make_app(result_backend=via_proxy, result_polling_interval=0.2)
+        got = []
+
+        def wait():
+            try:
+                got.append(reader.AsyncResult("t-outage").get(timeout=60))
+            except Exception as exc:
+                got.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        waiter = wait_for(lambda: getattr(reader.backend.db, "_result_waiter", None), timeout=10)
+        wait_for(lambda: waiter._watchers.get("celery-task-meta-t-outage"), timeout=10)
+        proxy.cut()
+        wait_for(lambda: "reading results failed" in caplog.text or got, timeout=20, what="a failed read")
+        writer.backend.store_result("t-outage", 42, states.SUCCESS)
+        proxy.restore()
+        thread.join(30)
+        assert got == [42]
+    finally:
+        proxy.close()
