@@ -48,26 +48,34 @@ class InvalidMessage(PgBrokerError, ValueError):
     """A message that cannot be stored: bad eta/expires header, unserialisable headers, …"""
 
 
-class MessageTooLarge(InvalidMessage):
+class _TooLarge:
+    """Mixin of the size errors: their arguments are the figures (so that pickle and
+    Celery's exception serialisation rebuild them), their text says what to do."""
+
+    def __init__(self, size: int, limit: int, where: str):
+        self.size, self.limit = size, limit
+        super().__init__(size, limit, where)
+
+    def __str__(self) -> str:
+        return self.template.format(*self.args)
+
+
+class MessageTooLarge(_TooLarge, InvalidMessage):
     """The message body is larger than the ``max_message_size`` transport option."""
 
-    def __init__(self, size: int, limit: int, queue: str):
-        self.size, self.limit, self.queue = size, limit, queue
-        super().__init__(
-            f"message of {size} bytes for queue {queue!r} exceeds max_message_size={limit} "
-            f"bytes; raise the transport option or store the payload elsewhere and pass a reference"
-        )
+    template = ("message of {0} bytes for queue {2!r} exceeds max_message_size={1} bytes; "
+                "raise the transport option or store the payload elsewhere and pass a reference")
+
+    @property
+    def queue(self) -> str:
+        return self.args[2]
 
 
-class ResultTooLarge(PgBrokerError, ValueError):
+class ResultTooLarge(_TooLarge, PgBrokerError, ValueError):
     """An encoded task result is larger than the ``max_result_size`` option."""
 
-    def __init__(self, size: int, limit: int, key: str):
-        self.size, self.limit = size, limit
-        super().__init__(
-            f"result {key} of {size} bytes exceeds max_result_size={limit} bytes; "
-            f"store large results elsewhere and return a reference"
-        )
+    template = ("result {2} of {0} bytes exceeds max_result_size={1} bytes; "
+                "store large results elsewhere and return a reference")
 
 
 class SchemaNotReady(PgBrokerError):

@@ -139,9 +139,21 @@ def _record(task, request, op: str, error: str | None = None, tb: str | None = N
 
 @signals.task_failure.connect
 def _on_failure(sender=None, exception=None, einfo=None, **kwargs):
+    if sender.request.id is None:  # failed outside its body: _on_internal_error records it
+        return
     text, tb = describe(exception, with_traceback=False)
     _record(sender, sender.request, "discarded", text, getattr(einfo, "traceback", None))
     _job_event("job.failed", sender, sender.request, {"duration": _duration(sender.request.id)}, error=text)
+
+
+@signals.task_internal_error.connect
+def _on_internal_error(sender=None, request=None, exception=None, einfo=None, **kwargs):
+    """An error outside the task's body (its result could not be stored: too large, …).
+    Celery stores the FAILURE, but its ``task_failure`` then no longer carries the
+    request, so the job's outcome is recorded from this signal's."""
+    text, _ = describe(exception, with_traceback=False)
+    _record(sender, request, "discarded", text, getattr(einfo, "traceback", None))
+    _job_event("job.failed", sender, request or {}, {"duration": _duration(kwargs.get("task_id"))}, error=text)
 
 
 class Snooze(Retry):

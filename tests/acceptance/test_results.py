@@ -95,12 +95,20 @@ def test_forget(results_app, start_worker, sql):
     assert sql("SELECT 1 FROM {schema}.results WHERE key LIKE %s", f"%{r.id}") == []
 
 
-def test_result_too_large_is_a_clear_failure(results_app, start_worker):
-    start_worker(pool="threads")
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_result_too_large_is_a_clear_failure(results_app, start_worker, sql, pool):
+    from pgbroker.errors import ResultTooLarge
+
+    start_worker(pool=pool, concurrency=1)
     result = results_app.big.delay(200_000)  # the test app allows 100,000 bytes
-    with pytest.raises(Exception, match="max_result_size=100000"):
+    with pytest.raises(ResultTooLarge, match="max_result_size=100000"):
         result.get(timeout=30)
     assert result.state == "FAILURE"
+    # the job ends discarded with the reason, not executing for ever
+    job = wait_for(lambda: sql("SELECT state, errors FROM {schema}.jobs WHERE task_id = %s AND state <> 'executing'",
+                               result.id), 20, what="the job's outcome")[0]
+    assert job["state"] == "discarded" and "max_result_size=100000" in job["errors"][-1]["error"]
+    assert results_app.add.delay(1, 2).get(timeout=30) == 3  # the worker carries on
 
 
 def test_result_row_columns_and_extended_fields(results_app_with, start_worker, sql):
