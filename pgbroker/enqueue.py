@@ -424,7 +424,10 @@ def _after_session_commit(session, fn: Callable[[], Any]) -> None:
     """Run ``fn`` once the SQLAlchemy session commits the transaction open now.
 
     A savepoint that rolls back takes its callbacks with it; one that is released
-    hands them to its parent; the outermost transaction runs them after its commit.
+    hands them to the transaction around it; the outermost transaction runs them
+    after its commit. (SQLAlchemy reports a commit, of a savepoint too, while the
+    transaction is still current, and the end of every transaction, after a
+    rollback's end as well: a transaction that ends without a commit drops them.)
     """
     state = session.info.get("pgbroker_after_commit")
     if state is None:
@@ -433,26 +436,25 @@ def _after_session_commit(session, fn: Callable[[], Any]) -> None:
         state = session.info["pgbroker_after_commit"] = {"callbacks": {}, "committed": set()}
         callbacks, committed = state["callbacks"], state["committed"]
 
-        def on_commit(sess):  # the root transaction is still current here
-            committed.add(sess.get_transaction())
-
-        def on_rollback(sess, previous):
-            callbacks.pop(previous, None)
+        def on_commit(sess):
+            committed.add(sess.get_nested_transaction() or sess.get_transaction())
 
         def on_end(sess, transaction):
             pending = callbacks.pop(transaction, None)
             was_committed = transaction in committed
             committed.discard(transaction)
-            if not pending:
+            if not pending or not was_committed:
                 return
-            if transaction.parent is not None:  # a released savepoint
-                callbacks.setdefault(transaction.parent, []).extend(pending)
-            elif was_committed:
+            outer = transaction.parent
+            while outer is not None and outer.parent is not None and not outer.nested:
+                outer = outer.parent  # a savepoint or the root, not a flush's subtransaction
+            if outer is not None:  # a released savepoint
+                callbacks.setdefault(outer, []).extend(pending)
+            else:
                 for callback in pending:
                     callback()
 
         event.listen(session, "after_commit", on_commit)
-        event.listen(session, "after_soft_rollback", on_rollback)
         event.listen(session, "after_transaction_end", on_end)
     transaction = session.get_nested_transaction() or session.get_transaction()
     state["callbacks"].setdefault(transaction, []).append(fn)

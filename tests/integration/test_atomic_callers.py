@@ -86,3 +86,37 @@ def test_a_revoke_inside_a_rolled_back_transaction_still_answers_waiters(app, sq
         conn.rollback()
     assert sql("SELECT state FROM {schema}.jobs WHERE task_id = %s", job.id)[0]["state"] == "cancelled"
     assert app.AsyncResult(job.id).state == "REVOKED"
+
+
+def test_after_commit_follows_savepoints_and_rollbacks(app, sql, database_url):
+    """foreign='after_commit' on a Session of another database: a job published in a
+    savepoint goes out only if the savepoint is released and the whole transaction
+    commits, whatever order SQLAlchemy reports the rollbacks in."""
+    from sqlalchemy import create_engine, make_url
+    from sqlalchemy.orm import Session
+
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg", database="postgres"))
+    published = {}
+
+    def publish(session, name):
+        with pgbroker.atomic(session, foreign="after_commit"):
+            published[name] = app.send_task(TASK).id
+
+    try:
+        with Session(engine) as session:
+            with session.begin():  # savepoint rolled back, transaction committed
+                publish(session, "kept")
+                with session.begin_nested() as savepoint:
+                    publish(session, "in rolled back savepoint")
+                    savepoint.rollback()
+            with session.begin():  # savepoint released, transaction rolled back
+                with session.begin_nested():
+                    publish(session, "in released savepoint, rolled back")
+                session.rollback()
+            with session.begin():  # nested savepoints released, transaction committed
+                with session.begin_nested():
+                    with session.begin_nested():
+                        publish(session, "in released savepoints")
+    finally:
+        engine.dispose()
+    assert set(task_ids(sql)) == {published["kept"], published["in released savepoints"]}
