@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Statements that publishing runs (jobs, saved group results, chord sizes): the ones
 #: that join the caller's transaction, or wait for an async block's end or its commit.
 #: Everything else (queue declarations, reads) runs on pgbroker's pool as usual.
-DEFERRABLE = frozenset({"enqueue", "enqueue_many", "enqueue_unique", "result_set", "chord_size_set"})
+DEFERRABLE = frozenset({"enqueue", "enqueue_many", "enqueue_unique", "enqueue_fanout", "result_set",
+                        "chord_size_set"})
 #: Also joined by a sync binding: writes whose effect must follow the caller's fate.
 JOINED = DEFERRABLE | {"result_delete", "result_expire", "unique_holders"}
 

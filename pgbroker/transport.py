@@ -33,6 +33,7 @@ from .db import Database, Listener
 from . import telemetry
 from . import task as _task
 from .engine import JobEngine, Outcome, engine_for, error_entry
+from .enqueue import unbound
 from .errors import CONNECTION_ERRORS
 from .maintenance import maintainer_for
 from .message import channel_name
@@ -166,11 +167,15 @@ class Channel(virtual.Channel):
             self.engine.enqueue_copies(queues, message)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
-        if exchange.endswith(".pidbox"):  # Celery's remote control
-            task_ids, terminate = revoked_task_ids(self, message)
-            if task_ids:
-                self._cancel(task_ids, terminate)
-        self.engine.enqueue_fanout(exchange, message)
+        if not exchange.endswith(".pidbox"):  # joins the caller's transaction in pgbroker.atomic()
+            self.engine.enqueue_fanout(exchange, message)
+            return
+        # Celery's remote control: sent at once, whatever becomes of a caller's transaction
+        task_ids, terminate = revoked_task_ids(self, message)
+        if task_ids:
+            self._cancel(task_ids, terminate)
+        with unbound():
+            self.engine.enqueue_fanout(exchange, message)
 
     def _cancel(self, task_ids: list[str], terminate: bool) -> None:
         """Durable revoke: the jobs that have not started are cancelled for good (and

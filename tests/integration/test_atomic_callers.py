@@ -120,3 +120,28 @@ def test_after_commit_follows_savepoints_and_rollbacks(app, sql, database_url):
     finally:
         engine.dispose()
     assert set(task_ids(sql)) == {published["kept"], published["in released savepoints"]}
+
+
+def test_a_fanout_publish_joins_the_transaction_but_remote_control_does_not(app, sql, database_url, broker_url,
+                                                                             transport_options):
+    """A message to a fanout exchange (Celery's Broadcast queues) is written in the
+    caller's transaction like any other; a remote-control broadcast (a revoke, a ping)
+    goes out at once, whatever becomes of the transaction."""
+    from kombu import Connection, Exchange, Queue
+
+    broadcast, pidbox = Exchange("bcast", type="fanout"), Exchange("celery.pidbox", type="fanout")
+    with Connection(broker_url, transport_options=transport_options) as kombu_conn:
+        channel = kombu_conn.default_channel
+        Queue("bcast.w1", broadcast, channel=channel).declare()
+        Queue("w1.celery.pidbox", pidbox, channel=channel).declare()
+        producer = kombu_conn.Producer()
+        with psycopg.connect(database_url) as conn:
+            with pgbroker.atomic(conn):
+                producer.publish({"n": 1}, exchange=broadcast, declare=[broadcast])
+                app.control.revoke("some-task", connection=kombu_conn)
+            conn.rollback()
+            with pgbroker.atomic(conn):
+                producer.publish({"n": 2}, exchange=broadcast)
+            conn.commit()
+    rows = sql("SELECT queue, body FROM {schema}.jobs ORDER BY id")
+    assert [r["queue"] for r in rows] == ["w1.celery.pidbox", "bcast.w1"]
