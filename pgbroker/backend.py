@@ -219,17 +219,18 @@ def _chord_part_request(backend: "ResultBackend", task_id: str, message: str | N
 
 
 def backend_for(db: Database) -> "ResultBackend | None":
-    """The pgbroker result backend on ``db`` in this process: the one last used, else the
-    current Celery app's when it is pgbroker on the same database (``celery control``)."""
-    if db.result_backend is not None:
-        return db.result_backend
+    """The pgbroker result backend on ``db``'s database and schema in this process: the one
+    last used, else the current Celery app's when it is pgbroker there (``celery control``)."""
+    for same in db.same_schema():
+        if same.result_backend is not None:
+            return same.result_backend
     try:
         from celery import current_app
 
         backend = current_app.backend
     except Exception:
         return None
-    if isinstance(backend, ResultBackend) and Database.get(backend.conninfo, backend.options) is db:
+    if isinstance(backend, ResultBackend) and (backend.conninfo, backend.options.schema) == (db.conninfo, db.options.schema):
         return backend
     return None
 

@@ -27,7 +27,7 @@ from .sql import queries
 
 logger = logging.getLogger(__name__)
 
-_registry: dict[tuple[str, str], "Database"] = {}
+_registry: dict[tuple[str, Options], "Database"] = {}
 _registry_lock = threading.Lock()
 _inherited: list[Any] = []  # objects from the parent process, kept alive and untouched
 
@@ -82,13 +82,22 @@ class Database:
 
     @classmethod
     def get(cls, conninfo: str, options: Options) -> "Database":
-        """The process-wide Database for ``conninfo`` and ``options.schema``."""
-        key = (conninfo, options.schema)
+        """The process-wide Database for ``conninfo`` and ``options`` (a configuration
+        with other options, on the same schema too, gets its own: whoever connects first
+        does not decide the options of the others)."""
+        key = (conninfo, options)
         with _registry_lock:
             db = _registry.get(key)
             if db is None:
                 db = _registry[key] = cls(conninfo, options)
             return db
+
+    def same_schema(self) -> list["Database"]:
+        """This Database first, then the process's others on the same database and schema."""
+        with _registry_lock:
+            others = [db for (conninfo, options), db in _registry.items()
+                      if db is not self and conninfo == self.conninfo and options.schema == self.options.schema]
+        return [self, *others]
 
     def _configure(self, conn: psycopg.Connection) -> None:
         conn.execute("SET TIME ZONE 'UTC'")

@@ -307,3 +307,16 @@ def test_a_wake_up_sent_before_the_wait_ends_it_at_once(db):
         assert time.monotonic() - started >= 0.2
     finally:
         listener.close()
+
+
+def test_options_are_not_taken_from_whoever_connected_first(broker_url, transport_options, schema):
+    """Two configurations of one database and schema in a process (the job API by URL,
+    then an app) each keep their own options: here the app's max_message_size."""
+    from pgbroker import jobs
+
+    assert jobs.count(broker_url, schema=schema) == 0  # default options, connected first
+    with Connection(broker_url, transport_options={**transport_options, "max_message_size": 1000}) as conn:
+        queue = conn.SimpleQueue("small")
+        with pytest.raises(MessageTooLarge, match="max_message_size=1000"):
+            queue.put("x" * 2000)
+        queue.close()
