@@ -515,10 +515,13 @@ WITH stored AS (
     RETURNING r.key, r.value
 )
 -- The payload is the key, then (when it fits in NOTIFY's 8000 bytes) a newline and the
--- value in base64, so that a waiting get() needs no query to read it.
+-- value in base64, so that a waiting get() needs no query to read it. A key that
+-- cannot be a payload (too long, or with a newline) is not announced: its waiters
+-- re-read every result_polling_interval.
 SELECT pg_notify({schema}.notify_channel(':results'),
-                 key || CASE WHEN octet_length(value) <= 5000 THEN E'\n' || encode(value, 'base64') ELSE '' END)
-FROM stored;
+                 key || coalesce(CASE WHEN octet_length(key) + octet_length(v.data) < 7999 THEN E'\n' || v.data END, ''))
+FROM stored, LATERAL (SELECT CASE WHEN octet_length(value) <= 5900 THEN encode(value, 'base64') END AS data) AS v
+WHERE octet_length(key) < 8000 AND strpos(key, E'\n') = 0;
 
 -- name: result_get_many
 SELECT key, value FROM {schema}.results

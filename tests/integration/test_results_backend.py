@@ -149,3 +149,18 @@ def test_get_rides_out_a_short_database_outage(make_app, broker_url, database_ur
         assert got == [42]
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("task_id", ["x" * 2000, "y" * 9000, "line\nbreak"])
+def test_any_task_id_can_store_and_wait_for_its_result(make_app, task_id):
+    """A notification must stay under NOTIFY's 8000 bytes: a long id sends the key alone
+    (or, too long or with a newline, no notification: waiters re-read)."""
+    app = make_app(result_polling_interval=0.2)
+    got = []
+    thread = threading.Thread(target=lambda: got.append(app.AsyncResult(task_id).get(timeout=20)))
+    thread.start()
+    waiter = wait_for(lambda: getattr(app.backend.db, "_result_waiter", None), timeout=10)
+    wait_for(lambda: waiter._watchers.get(app.backend.get_key_for_task(task_id).decode()), timeout=10)
+    app.backend.store_result(task_id, "v" * 2800, states.SUCCESS)
+    thread.join(30)
+    assert got == ["v" * 2800]
