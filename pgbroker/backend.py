@@ -288,7 +288,10 @@ class ResultBackend(KeyValueStoreBackend):
                          expires=self.expires if self.expires else None, **(columns or _columns()))
 
     def _set_with_state(self, key, value, state):
-        self._write(key, value, state)
+        """Celery saves a group's metadata with state SUCCESS; the ``state`` column is a
+        task's state only (NULL for group metadata), so that counting by state counts tasks."""
+        is_task = bytes_to_str(key).startswith(bytes_to_str(self.task_keyprefix))
+        self._write(key, value, state if is_task else None)
 
     def set(self, key, value):
         self._write(key, value, None)
