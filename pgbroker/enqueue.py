@@ -26,10 +26,12 @@ the callers that say when they commit).
 
 Async callers: Celery publishes synchronously, so inside ``async with atomic(...)``
 publishes are collected and written with the caller's connection when the block
-exits (still inside the caller's transaction, before its commit).
+exits, with or without an exception (still inside the caller's transaction, before
+its commit; to commit inside the block, ``await binding.flush()`` first).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import weakref
 from contextlib import contextmanager
@@ -48,6 +50,8 @@ DEFERRABLE = frozenset({"enqueue", "enqueue_many", "enqueue_unique", "enqueue_fa
                         "chord_size_set"})
 #: Also joined by a sync binding: writes whose effect must follow the caller's fate.
 JOINED = DEFERRABLE | {"result_delete", "result_expire", "unique_holders"}
+
+logger = logging.getLogger(__name__)
 
 _binding: ContextVar["Binding | None"] = ContextVar("pgbroker_binding", default=None)
 #: Database identity of each caller connection already checked (by DB-API connection).
@@ -363,14 +367,19 @@ class AsyncBinding(Binding):
     def __init__(self, adapter):
         super().__init__(adapter)
         self.pending: list[tuple["Database", str, dict]] = []
+        #: Set when the block exits: an asyncio task created inside it that publishes
+        #: later (its context still names this binding) publishes on the pool.
+        self.closed = False
 
     def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
-        if name not in DEFERRABLE or _is_retry(name, params):
+        if self.closed or name not in DEFERRABLE or _is_retry(name, params):
             return None  # reads and other statements run on the pool, as outside the block
         self.pending.append((db, name, params))
         return Deferred()
 
     async def flush(self) -> None:
+        """Write the block's publishes so far with the caller's connection (done when the
+        block exits; call it first to commit inside the block)."""
         if not self.pending:
             return
         if not self.adapter.in_transaction():
@@ -506,8 +515,20 @@ class atomic:  # noqa: N801 - used like a function: `with pgbroker.atomic(sessio
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         _binding.reset(self._token)
+        self.binding.closed = True
         if exc_type is None:
             await self.binding.flush()
+            return
+        # The block raised: its publishes still follow the transaction, as in a sync
+        # atomic() (a caller that handles the error and commits keeps them); the
+        # caller's own error is what propagates.
+        try:
+            await self.binding.flush()
+        except NotInTransaction:
+            pass  # the transaction failed: its jobs go with it
+        except Exception as flush_exc:
+            logger.warning("pgbroker: the jobs published in a failed `async with atomic()` block could "
+                           "not be written to its transaction: %s", flush_exc)
 
 
 def django_binding(options) -> Binding | None:

@@ -145,3 +145,43 @@ def test_a_fanout_publish_joins_the_transaction_but_remote_control_does_not(app,
             conn.commit()
     rows = sql("SELECT queue, body FROM {schema}.jobs ORDER BY id")
     assert [r["queue"] for r in rows] == ["w1.celery.pidbox", "bcast.w1"]
+
+
+def test_an_async_block_that_raises_still_writes_its_jobs(app, sql, database_url):
+    """As with a sync atomic(), the jobs published before an exception follow the
+    transaction: kept when the caller handles the error and commits, gone with a
+    transaction that failed (and the caller's own error is what propagates)."""
+    import asyncio
+
+    async def run():
+        conn = await psycopg.AsyncConnection.connect(database_url)
+        try:
+            try:
+                async with pgbroker.atomic(conn):
+                    kept = app.send_task(TASK)
+                    raise ValueError("handled by the caller")
+            except ValueError:
+                pass
+            await conn.commit()
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                async with pgbroker.atomic(conn):
+                    app.send_task(TASK)
+                    await conn.execute("SELECT 1/0")
+            await conn.rollback()
+            # an asyncio task created in the block that publishes after it (its context
+            # still names the block's binding) publishes on the pool, as outside a block
+            late = [None]
+
+            async def publish_late():
+                late[0] = app.send_task(TASK).id
+
+            async with pgbroker.atomic(conn):
+                task = asyncio.create_task(publish_late())
+            await task
+            await conn.rollback()
+        finally:
+            await conn.close()
+        return kept.id, late[0]
+
+    kept, late = asyncio.run(run())
+    assert task_ids(sql) == [kept, late]
