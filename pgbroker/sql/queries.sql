@@ -576,12 +576,14 @@ SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM gone) AS results
 -- Which database a connection reaches: the same values from two connections mean
 -- the same database of the same server (a caller's transaction can then hold jobs).
 -- The system identifier is read only where the role may (managed servers may not
--- allow it); the server's start time and port then still tell servers apart.
+-- allow it); the server's start time and port then still tell servers apart. The
+-- port is the server's setting, the same over TCP and the Unix socket (where the
+-- port of the connection is NULL).
 SELECT current_database() AS database,
        CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
             THEN (SELECT system_identifier::text FROM pg_control_system()) END AS system,
        pg_postmaster_start_time()::text AS started,
-       inet_server_port() AS port;
+       current_setting('port')::int AS port;
 
 -- name: claim_no_ack
 -- The claim of consumers that never acknowledge (remote control, replies, events):

@@ -185,3 +185,17 @@ def test_an_async_block_that_raises_still_writes_its_jobs(app, sql, database_url
 
     kept, late = asyncio.run(run())
     assert task_ids(sql) == [kept, late]
+
+
+def test_a_caller_on_the_unix_socket_joins_a_broker_reached_over_tcp(app, sql, database_url):
+    """Django's default HOST="" connects over the Unix socket; the broker URL names a host:
+    both reach the same database, so the caller's transaction holds the job."""
+    socket_url = psycopg.conninfo.make_conninfo(database_url, host="/var/run/postgresql")
+    try:
+        conn = psycopg.connect(socket_url)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no password login over the Unix socket here (.ci/run allows it): {exc}")
+    with conn:
+        with pgbroker.atomic(conn):
+            kept = app.send_task(TASK)
+    assert task_ids(sql) == [kept.id]
