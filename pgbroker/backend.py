@@ -30,6 +30,7 @@ from celery.app.task import Context
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError
 from celery.result import AsyncResult, ResultSet, task_join_will_block
+from kombu.compression import decompress
 from kombu.serialization import loads as serializer_loads, prepare_accept_content
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads as json_loads
@@ -133,14 +134,14 @@ class ResultWaiter:
 
     def _run(self) -> None:
         while not self._closed.is_set():
-            if not self._listening:
-                self._connect()
             try:
+                if not self._listening:
+                    self._connect()
                 notes = self._listener.wait(5.0)
-            except DatabaseUnavailable as exc:  # waiters fall back to polling meanwhile
+            except Exception as exc:  # waiters fall back to polling meanwhile
                 if self._closed.is_set():
                     break
-                logger.warning("pgbroker: result notifications interrupted (%s); reconnecting", exc)
+                logger.warning("pgbroker: result notifications interrupted (%r); reconnecting", exc)
                 with self._lock:
                     self._listening = False
                     self._expected.clear()  # notifications may have been missed
@@ -151,10 +152,18 @@ class ResultWaiter:
                     key, _, data = note.payload.partition("\n")
                     events = self._watchers.get(key)
                     if events or key in self._expected:
-                        self._notified[key] = base64.b64decode(data) if data else None
+                        self._notified[key] = _decoded(data)
                     for event in events or ():
                         event.set()
         self._listener.close()
+
+
+def _decoded(data: str) -> bytes | None:
+    """The value a notification carried, or None: then it is read."""
+    try:
+        return base64.b64decode(data) if data else None
+    except ValueError:
+        return None
 
 
 _per_db_lock = threading.Lock()  # guards the waiter and pruner cached on a Database
@@ -190,11 +199,19 @@ def mark_revoked(db: Database, cancelled: Sequence[dict]) -> None:
     a revoked task), so that its chord fails instead of waiting forever. Written on the
     pool, as the cancellation was, even inside ``pgbroker.atomic()``."""
     backend = backend_for(db) if cancelled else None
-    if backend is not None:
-        with _enqueue.unbound():
-            for row in cancelled:
+    if backend is None:
+        for row in cancelled:
+            if row.get("message"):
+                logger.warning("pgbroker: cancelled task %s is in a group, and no pgbroker result backend "
+                               "in this process can count it: a chord it belongs to is not told", row["task_id"])
+        return
+    with _enqueue.unbound():
+        for row in cancelled:
+            try:
                 request = _chord_part_request(backend, row["task_id"], row.get("message"))
                 backend.mark_as_revoked(row["task_id"], "revoked", request=request)
+            except Exception:  # the job stays cancelled; the others are still marked
+                logger.exception("pgbroker: cancelled task %s could not be marked REVOKED", row["task_id"])
 
 
 def _chord_part_request(backend: "ResultBackend", task_id: str, message: str | None) -> Context | None:
@@ -207,6 +224,8 @@ def _chord_part_request(backend: "ResultBackend", task_id: str, message: str | N
         body = message["body"]
         if message["properties"].get("body_encoding") == "base64":
             body = base64.b64decode(body)
+        if message["headers"].get("compression"):
+            body = decompress(body, message["headers"]["compression"])
         args, kwargs, embed = serializer_loads(body, message["content-type"], message["content-encoding"],
                                                accept=prepare_accept_content(backend.app.conf.accept_content))
     except Exception as exc:
@@ -437,11 +456,14 @@ class ResultBackend(KeyValueStoreBackend):
     def _when_reachable(self, call, deadline: float | None, timeout: float | None):
         """``call()``, tried again every ``result_polling_interval`` while the database is
         unreachable (a waiting ``get()`` rides out an outage, as a result write does);
-        Celery's TimeoutError once ``deadline`` has passed."""
+        Celery's TimeoutError once ``deadline`` has passed. A database this process never
+        reached (a wrong URL or password) is an error at once, not an outage."""
         while True:
             try:
                 return call()
             except DatabaseUnavailable as exc:
+                if not Database.get(self.conninfo, self.options).ready:
+                    raise
                 wait = self.polling_interval
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())

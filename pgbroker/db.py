@@ -92,6 +92,11 @@ class Database:
                 db = _registry[key] = cls(conninfo, options)
             return db
 
+    @property
+    def ready(self) -> bool:
+        """The database was reached (and its schema checked) by this process."""
+        return self._ready
+
     def same_schema(self) -> list["Database"]:
         """This Database first, then the process's others on the same database and schema."""
         with _registry_lock:
@@ -143,6 +148,8 @@ class Database:
         try:
             with self.pool.connection() as conn:
                 yield conn
+        except psycopg.errors.QueryCanceled:
+            raise  # a statement timeout or a cancel: the statement's fate, not an outage
         except psycopg.OperationalError as exc:
             # After a server restart every idle pooled connection is dead: replace them
             # now so that the caller's retry (kombu's, Celery's) gets a working one.
@@ -239,10 +246,11 @@ class Listener:
         if self._conn is None or self._conn.closed:
             try:
                 self._conn = psycopg.connect(self.db.conninfo, autocommit=True)
+                for channel in self._channels:
+                    self._conn.execute(f'LISTEN "{channel}"')
             except psycopg.OperationalError as exc:
+                self.close_connection()
                 raise DatabaseUnavailable(f"cannot LISTEN on {self.db.safe_url}: {exc}") from exc
-            for channel in self._channels:
-                self._conn.execute(f'LISTEN "{channel}"')
         return self._conn
 
     def listen(self, channels: Sequence[str]) -> None:

@@ -261,6 +261,12 @@ class _AsyncPsycopg:
     def in_transaction(self) -> bool:
         return _Psycopg.in_transaction(self)  # same attributes on the async connection
 
+    def transaction_open(self) -> bool:
+        """A transaction has begun and not ended (not merely: one would begin)."""
+        from psycopg import pq
+
+        return self.raw.info.transaction_status == pq.TransactionStatus.INTRANS
+
 
 class _AsyncSQLAlchemy:
     def __init__(self, obj):
@@ -280,6 +286,9 @@ class _AsyncSQLAlchemy:
 
     def in_transaction(self) -> bool:
         return True
+
+    def transaction_open(self) -> bool:
+        return self.obj.in_transaction()
 
 
 # -- bindings ---------------------------------------------------------------------------------
@@ -519,9 +528,12 @@ class atomic:  # noqa: N801 - used like a function: `with pgbroker.atomic(sessio
         if exc_type is None:
             await self.binding.flush()
             return
-        # The block raised: its publishes still follow the transaction, as in a sync
-        # atomic() (a caller that handles the error and commits keeps them); the
-        # caller's own error is what propagates.
+        # The block raised: its publishes still follow the transaction they were made in,
+        # as in a sync atomic() (a caller that handles the error and commits keeps them),
+        # unless it has already ended (a transaction begun and rolled back inside the
+        # block takes them); the caller's own error is what propagates.
+        if not self.binding.adapter.transaction_open():
+            return
         try:
             await self.binding.flush()
         except NotInTransaction:

@@ -180,7 +180,14 @@ def maintainer_for(engine: JobEngine) -> Maintainer:
 
 
 def shutdown(db) -> None:
-    """Stop this process's background work for ``db`` and close its pool (tests, embedding apps)."""
+    """Stop this process's background work on ``db``'s database and schema and close the
+    pools, for every configuration of it (each set of options has its own Database);
+    for tests and embedding apps."""
+    for same in db.same_schema():
+        _shutdown(same)
+
+
+def _shutdown(db) -> None:
     from .engine import engine_for
 
     engine = engine_for(db)

@@ -82,7 +82,7 @@ class Sandbox:
     def __init__(self, url: str, schema: str):
         self.url = url
         self.schema = schema
-        self.broker_url = broker_url(url)  # the same conninfo as self.db: the transport shares its Database
+        self.broker_url = broker_url(url)  # the same conninfo as self.db (shutdown closes both)
         self.transport_options = {"schema": schema, "polling_interval": 0.2}
         self.db = Database.get(url, Options.from_mapping(self.transport_options))
         self.db.ensure_ready()

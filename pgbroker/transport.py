@@ -172,10 +172,12 @@ class Channel(virtual.Channel):
             return
         # Celery's remote control: sent at once, whatever becomes of a caller's transaction
         task_ids, terminate = revoked_task_ids(self, message)
-        if task_ids:
-            self._cancel(task_ids, terminate)
-        with unbound():
-            self.engine.enqueue_fanout(exchange, message)
+        try:
+            if task_ids:
+                self._cancel(task_ids, terminate)
+        finally:  # the workers are told even when the durable part failed
+            with unbound():
+                self.engine.enqueue_fanout(exchange, message)
 
     def _cancel(self, task_ids: list[str], terminate: bool) -> None:
         """Durable revoke: the jobs that have not started are cancelled for good (and

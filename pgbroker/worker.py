@@ -95,6 +95,7 @@ def _job_of(request) -> tuple[int, int] | None:
 
 
 _started: dict[str, float] = {}  # task id -> monotonic start, for the durations of failures
+_failed_outside_body: set[str] = set()  # task ids whose failure _on_internal_error recorded
 
 
 def _job_event(name: str, task, request, measurements: dict, **extra) -> None:
@@ -139,7 +140,8 @@ def _record(task, request, op: str, error: str | None = None, tb: str | None = N
 
 @signals.task_failure.connect
 def _on_failure(sender=None, exception=None, einfo=None, **kwargs):
-    if sender.request.id is None:  # failed outside its body: _on_internal_error records it
+    if sender.request.id is None and kwargs.get("task_id") in _failed_outside_body:
+        _failed_outside_body.discard(kwargs["task_id"])  # _on_internal_error recorded it
         return
     text, tb = describe(exception, with_traceback=False)
     _record(sender, sender.request, "discarded", text, getattr(einfo, "traceback", None))
@@ -154,6 +156,7 @@ def _on_internal_error(sender=None, request=None, exception=None, einfo=None, **
     text, _ = describe(exception, with_traceback=False)
     _record(sender, request, "discarded", text, getattr(einfo, "traceback", None))
     _job_event("job.failed", sender, request or {}, {"duration": _duration(kwargs.get("task_id"))}, error=text)
+    _failed_outside_body.add(kwargs.get("task_id"))  # Celery's task_failure follows, without the request
 
 
 class Snooze(Retry):

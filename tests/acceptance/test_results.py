@@ -221,9 +221,10 @@ def test_revoked_chord_part_fails_the_chord(results_app, start_worker):
 
     m = results_app
     start_worker(pool="threads")
-    for cancel in (lambda task_id: m.app.control.revoke(task_id),
-                   lambda task_id: jobs.cancel(m.app, task_ids=[task_id])):
-        later = m.add.s(2, 2).set(countdown=600)
+    for cancel, options in ((lambda task_id: m.app.control.revoke(task_id), {}),
+                            (lambda task_id: jobs.cancel(m.app, task_ids=[task_id]), {}),
+                            (lambda task_id: m.app.control.revoke(task_id), {"compression": "gzip"})):
+        later = m.add.s(2, 2).set(countdown=600, **options)
         result = chord([m.add.s(1, 1), later], m.tsum.s()).apply_async()
         part = result.parent.results[1]
         assert part.state == "PENDING"

@@ -156,6 +156,7 @@ def test_an_async_block_that_raises_still_writes_its_jobs(app, sql, database_url
     async def run():
         conn = await psycopg.AsyncConnection.connect(database_url)
         try:
+            await conn.execute("SELECT 1")  # the caller's own work has begun the transaction
             try:
                 async with pgbroker.atomic(conn):
                     kept = app.send_task(TASK)
@@ -163,6 +164,12 @@ def test_an_async_block_that_raises_still_writes_its_jobs(app, sql, database_url
             except ValueError:
                 pass
             await conn.commit()
+            with pytest.raises(ValueError):  # a transaction begun and rolled back in the block
+                async with pgbroker.atomic(conn):
+                    async with conn.transaction():
+                        app.send_task(TASK)
+                        raise ValueError("rolls the transaction back")
+            await conn.commit()  # nothing of that block to commit
             with pytest.raises(psycopg.errors.DivisionByZero):
                 async with pgbroker.atomic(conn):
                     app.send_task(TASK)

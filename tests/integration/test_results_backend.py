@@ -166,3 +166,26 @@ def test_any_task_id_can_store_and_wait_for_its_result(make_app, task_id):
     app.backend.store_result(task_id, "v" * 2800, states.SUCCESS)
     thread.join(30)
     assert got == ["v" * 2800]
+
+
+def test_get_from_a_database_never_reached_raises_at_once(make_app, broker_url, transport_options, database_url):
+    """A wrong URL is an error, not an outage to wait out (even with no timeout)."""
+    from urllib.parse import urlsplit
+
+    from pgbroker.errors import DatabaseUnavailable
+
+    u = urlsplit(database_url)
+    nowhere = broker_url.replace(f"@{u.hostname}:{u.port}", "@127.0.0.1:1")
+    app = make_app(result_backend=nowhere, result_backend_transport_options={**transport_options, "pool_timeout": 1})
+    got = []
+
+    def wait():
+        try:
+            app.AsyncResult("t-nowhere").get(timeout=None)
+        except Exception as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert len(got) == 1 and isinstance(got[0], DatabaseUnavailable)

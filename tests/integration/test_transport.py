@@ -320,3 +320,9 @@ def test_options_are_not_taken_from_whoever_connected_first(broker_url, transpor
         with pytest.raises(MessageTooLarge, match="max_message_size=1000"):
             queue.put("x" * 2000)
         queue.close()
+        databases = conn.transport.database.same_schema()
+    assert len(databases) == 2 and len({id(d.options) for d in databases}) == 2
+    from pgbroker.maintenance import shutdown
+
+    shutdown(databases[1])  # a test's teardown closes every configuration of its schema
+    assert all(d.pool.closed for d in databases)
