@@ -269,6 +269,7 @@ class ResultBackend(KeyValueStoreBackend):
         self.url = url or conf.result_backend
         self.conninfo = conninfo_from_url(self.url)
         self.polling_interval = float(conf.get("result_polling_interval") or 1.0)
+        self._returning = threading.local()  # .part: the chord part on_chord_part_return counts
         # A result must never be dropped because the database blinked: writes are retried
         # (with Celery's backoff, up to result_backend_max_retries) while it is unreachable.
         self.always_retry = True
@@ -332,7 +333,17 @@ class ResultBackend(KeyValueStoreBackend):
         self.db.fetchall("result_delete", key=bytes_to_str(key))
 
     def incr(self, key):
-        return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
+        """Celery's atomic counter. For the chord part being returned (Celery counts it
+        with ``incr``), a part counted already, delivered again after a lost worker,
+        returns 0: it neither completes the chord early nor runs its callback twice."""
+        part = getattr(self._returning, "part", None)
+        if part is None:
+            return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
+        row = self.db.fetchone("chord_part_count", key=bytes_to_str(key), task_id=part, expires=self.expires or None)
+        if row is None:
+            logger.warning("pgbroker: chord part %s returned again (a duplicate delivery); counted once", part)
+            return 0
+        return row["value"]
 
     def expire(self, key, value):
         """Celery passes 0 for "never" (``result_expires=None`` or 0)."""
@@ -342,16 +353,22 @@ class ResultBackend(KeyValueStoreBackend):
         """Celery's canvas tells the real number of parts of a chord header (a chain
         ending in a group counts each of its tasks); the request's ``chord_size`` may
         count that group as one."""
-        self.db.fetchall("chord_size_set", key=bytes_to_str(self.get_key_for_chord(group_id)), size=chord_size)
+        self.db.fetchall("chord_size_set", key=bytes_to_str(self.get_key_for_chord(group_id)), size=chord_size,
+                         expires=self.expires or None)
 
     def on_chord_part_return(self, request, state, result, **kwargs):
-        """Celery's counter-based chord completion, with the size from :meth:`set_chord_size`."""
+        """Celery's counter-based chord completion, with the size from :meth:`set_chord_size`,
+        counting each part once (see :meth:`incr`)."""
         chord = getattr(request, "chord", None)
         if getattr(request, "group", None) and isinstance(chord, dict):
             row = self.db.fetchone("chord_size_get", key=bytes_to_str(self.get_key_for_chord(request.group)))
             if row and row["size"]:
                 chord["chord_size"] = row["size"]
-        return super().on_chord_part_return(request, state, result, **kwargs)
+        self._returning.part = getattr(request, "id", None)
+        try:
+            return super().on_chord_part_return(request, state, result, **kwargs)
+        finally:
+            self._returning.part = None
 
     def exception_safe_to_retry(self, exc):
         """Result writes and reads are retried while the database is unreachable."""

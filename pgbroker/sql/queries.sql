@@ -545,16 +545,33 @@ INSERT INTO {schema}.counters AS c (key, value) VALUES (%(key)s, 1)
 ON CONFLICT (key) DO UPDATE SET value = c.value + 1
 RETURNING c.value;
 
+-- name: chord_part_count
+-- Count one header part of a chord, once per task id: the counter's new value, or no
+-- row when this part had counted already (a duplicate delivery). The counter and the
+-- part expire with the results.
+WITH part AS (
+    INSERT INTO {schema}.chord_parts (key, task_id, expires_at)
+    VALUES (%(key)s, %(task_id)s, now() + make_interval(secs => %(expires)s::float8))
+    ON CONFLICT DO NOTHING
+    RETURNING key
+)
+INSERT INTO {schema}.counters AS c (key, value, expires_at)
+SELECT key, 1, now() + make_interval(secs => %(expires)s::float8) FROM part
+ON CONFLICT (key) DO UPDATE SET value = c.value + 1, expires_at = excluded.expires_at
+RETURNING c.value;
+
 -- name: chord_size_set
 -- Record how many header parts complete a chord; parts may already have counted.
-INSERT INTO {schema}.counters AS c (key, value, size) VALUES (%(key)s, 0, %(size)s)
+INSERT INTO {schema}.counters AS c (key, value, size, expires_at)
+VALUES (%(key)s, 0, %(size)s, now() + make_interval(secs => %(expires)s::float8))
 ON CONFLICT (key) DO UPDATE SET size = excluded.size;
 
 -- name: chord_size_get
 SELECT size FROM {schema}.counters WHERE key = %(key)s;
 
 -- name: results_prune
--- Delete up to %(batch)s expired results and as many expired counters. Only the
+-- Delete up to %(batch)s expired results, as many expired counters and as many
+-- expired chord parts (counted together with the counters). Only the
 -- leader of service 'prune-results' deletes anything; the others see leader = false.
 WITH {leader}, gone AS (
     DELETE FROM {schema}.results WHERE key IN (
@@ -568,9 +585,15 @@ WITH {leader}, gone AS (
         WHERE expires_at <= now() AND (SELECT ok FROM leader)
         LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
     RETURNING 1
+), gone_parts AS (
+    DELETE FROM {schema}.chord_parts WHERE (key, task_id) IN (
+        SELECT key, task_id FROM {schema}.chord_parts
+        WHERE expires_at <= now() AND (SELECT ok FROM leader)
+        ORDER BY expires_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    RETURNING 1
 )
 SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM gone) AS results,
-       (SELECT count(*) FROM gone_counters) AS counters;
+       (SELECT count(*) FROM gone_counters) + (SELECT count(*) FROM gone_parts) AS counters;
 
 -- name: database_identity
 -- Which database a connection reaches: the same values from two connections mean

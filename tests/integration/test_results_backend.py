@@ -54,6 +54,7 @@ def test_pruning_runs_in_batches_with_one_leader(make_app, transport_options, sq
     backend.incr("celery-chord-old")
     sql("UPDATE {schema}.results SET expires_at = now() - interval '1 s' WHERE key LIKE '%%old-%%'")
     sql("UPDATE {schema}.counters SET expires_at = now() - interval '1 s'")
+    sql("INSERT INTO {schema}.chord_parts VALUES ('celery-chord-old', 'part-1', now() - interval '1 s')")
     # Expired but not yet pruned results already read as missing.
     assert app.AsyncResult("old-1").state == states.PENDING
     counts = []
@@ -65,7 +66,7 @@ def test_pruning_runs_in_batches_with_one_leader(make_app, transport_options, sq
     assert backend.cleanup() == 0
     assert sum(counts) == 40  # every expired result deleted exactly once, whoever led
     assert [r["key"] for r in sql("SELECT key FROM {schema}.results")] == ["celery-task-meta-fresh"]
-    assert sql("SELECT 1 FROM {schema}.counters") == []
+    assert sql("SELECT 1 FROM {schema}.counters") == [] and sql("SELECT 1 FROM {schema}.chord_parts") == []
 
 
 def test_result_too_large_is_refused(make_app, transport_options):
@@ -189,3 +190,32 @@ def test_get_from_a_database_never_reached_raises_at_once(make_app, broker_url, 
     thread.start()
     thread.join(20)
     assert len(got) == 1 and isinstance(got[0], DatabaseUnavailable)
+
+
+def test_a_chord_part_returning_twice_counts_once(make_app, sql):
+    """A header part delivered again (acks_late, a worker lost after the result was
+    stored) neither completes its chord early nor runs the callback a second time."""
+    from celery.app.task import Context
+    from celery.result import GroupResult
+
+    app = make_app()
+    backend = app.backend
+    body = app.signature("tests.chord.body", options={"task_id": "body-1"})
+    GroupResult("g-dup", [app.AsyncResult("p-1"), app.AsyncResult("p-2")], app=app).save()
+    backend.set_chord_size("g-dup", 2)
+
+    def part_returns(task_id):
+        backend.store_result(task_id, task_id, states.SUCCESS)
+        backend.on_chord_part_return(Context(id=task_id, group="g-dup", chord=dict(body)), states.SUCCESS, task_id)
+
+    def callbacks():
+        return sql("SELECT count(*) AS n FROM {schema}.jobs WHERE task_id = 'body-1'")[0]["n"]
+
+    part_returns("p-1")
+    part_returns("p-1")  # the same part again: not the second of two
+    assert callbacks() == 0 and app.AsyncResult("body-1").state == states.PENDING
+    part_returns("p-2")
+    assert callbacks() == 1
+    part_returns("p-2")  # a late duplicate after the chord completed
+    assert callbacks() == 1
+    assert [r["task_id"] for r in sql("SELECT task_id FROM {schema}.chord_parts ORDER BY task_id")] == ["p-1", "p-2"]
