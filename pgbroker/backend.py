@@ -200,10 +200,10 @@ def mark_revoked(db: Database, cancelled: Sequence[dict]) -> None:
     pool, as the cancellation was, even inside ``pgbroker.atomic()``."""
     backend = backend_for(db) if cancelled else None
     if backend is None:
-        for row in cancelled:
-            if row.get("message"):
-                logger.warning("pgbroker: cancelled task %s is in a group, and no pgbroker result backend "
-                               "in this process can count it: a chord it belongs to is not told", row["task_id"])
+        in_groups = [row["task_id"] for row in cancelled if row.get("message")]
+        if in_groups:
+            logger.warning("pgbroker: %d cancelled task(s) in groups (%s, …) and no pgbroker result backend in "
+                           "this process to count them: a chord they belong to is not told", len(in_groups), in_groups[0])
         return
     with _enqueue.unbound():
         for row in cancelled:

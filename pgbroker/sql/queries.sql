@@ -412,8 +412,9 @@ CASE WHEN j.headers->>'group' IS NOT NULL AND j.state = 'cancelled' THEN jsonb_b
 
 -- name: jobs_cancel_where
 -- Cancel up to %(batch)s matching jobs that have not started (available, scheduled,
--- retryable), returning their task ids and the message of those in a group. FOR UPDATE waits for a concurrent claim instead of skipping its rows:
--- once it commits they are executing, no longer match, and the caller revokes them.
+-- retryable), returning their task ids and the message of those in a group. FOR
+-- UPDATE waits for a concurrent claim instead of skipping its rows: once it commits
+-- they are executing, no longer match, and the caller revokes them.
 WITH target AS (
     SELECT id FROM {schema}.jobs
     WHERE state IN ('available', 'scheduled', 'retryable') AND {job_filter}
