@@ -372,9 +372,12 @@ class JobEngine:
         rows = self.db.fetchall("jobs_list", limit=limit, before=before, **job_filter(**where))
         return [Job.from_row(r) for r in rows]
 
-    def retry_jobs(self, task_ids: Sequence[str]) -> list[str]:
-        """Make discarded/cancelled jobs of these task ids available again; returns those retried."""
-        return [r["task_id"] for r in self.db.fetchall("jobs_retry", task_ids=list(task_ids))]
+    def retry_jobs(self, task_ids: Sequence[str], result_keys: Sequence[str | None] | None = None) -> list[str]:
+        """Make discarded/cancelled jobs of these task ids available again; returns those
+        retried. ``result_keys`` (parallel to ``task_ids``): the stored results to delete
+        with the retried ones."""
+        keys = list(result_keys) if result_keys is not None else [None] * len(task_ids)
+        return [r["task_id"] for r in self.db.fetchall("jobs_retry", task_ids=list(task_ids), result_keys=keys)]
 
     def queue_stats(self, queue: str | None = None) -> list[dict]:
         return self.db.fetchall("queue_stats", queue=queue)

@@ -78,8 +78,16 @@ def count(source: Any, state: str | Sequence[str] | None = None, queue: str | No
 def retry(source: Any, task_ids: Sequence[str], schema: str | None = None) -> builtins.list[str]:
     """Run discarded or cancelled jobs once more, now; returns the task ids retried (jobs
     in other states are left alone). When the attempt budget is spent it grows by one;
-    errors are kept and ``meta.retried`` counts manual retries."""
-    return _engine(source, schema).retry_jobs(builtins.list(task_ids))
+    errors are kept and ``meta.retried`` counts manual retries. The task's stored outcome
+    (with pgbroker as this process's result backend) is deleted, so that ``get()`` waits
+    for the new run, and workers that remember a revoke of the task forget it."""
+    from .backend import backend_for
+
+    engine = _engine(source, schema)
+    task_ids = builtins.list(task_ids)
+    backend = backend_for(engine.db)
+    keys = [backend.get_key_for_task(t).decode() for t in task_ids] if backend is not None else None
+    return engine.retry_jobs(task_ids, keys)
 
 
 @dataclass(frozen=True)

@@ -391,6 +391,13 @@ class Transport(virtual.Transport):
 
     Channel = Channel
 
+    def _deliver(self, message, queue):
+        if message["headers"].get("pgbroker_unrevoke"):  # a job retried after its task was revoked
+            from .worker import forget_revoke  # Celery's worker state, only when it comes to that
+
+            forget_revoke(message["headers"].get("id"))
+        super()._deliver(message, queue)
+
     default_port = 5432
     driver_type = "postgresql"
     driver_name = "psycopg"

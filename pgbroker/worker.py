@@ -199,6 +199,15 @@ def _retry_delay(reason) -> float | None:
     return None
 
 
+def forget_revoke(task_id: str | None) -> None:
+    """This worker forgets a revoke of ``task_id``: its job was retried (``pgbroker.jobs.retry``)
+    after the revoke cancelled it, and Celery's memory of revoked ids would drop it again."""
+    from celery.worker import state
+
+    if task_id is not None:
+        state.revoked.discard(task_id)
+
+
 @signals.task_revoked.connect
 def _on_revoked(sender=None, request=None, terminated=None, expired=None, **kwargs):
     why = ("expired before it ran (Celery `expires`)" if expired

@@ -432,20 +432,31 @@ SELECT task_id FROM {schema}.jobs WHERE state = 'executing' AND task_id IS NOT N
 -- name: jobs_retry
 -- Run discarded or cancelled jobs once more, now: like Oban's retry, the attempt budget
 -- grows by one when it is spent; errors are kept, and meta.retried counts manual retries.
--- (Found by task id: the state is compared as text so that the planner never scans
--- jobs_finished_idx instead, as at settle.)
+-- Its message loses its ETA (a worker would hold a countdown's task until then), and a
+-- cancelled job's says so (pgbroker_unrevoke): the workers that remember its revoke
+-- forget it when they receive it. The stored outcome of each retried task
+-- (%(result_keys)s, parallel to the task ids) is deleted with it, so that get() waits
+-- for the new run. (Found by task id: the state is compared as text so that the
+-- planner never scans jobs_finished_idx instead, as at settle.)
 WITH again AS (
     UPDATE {schema}.jobs AS j SET
         state = 'available', scheduled_at = now(), attempted_by = NULL, acked = false,
         completed_at = NULL, discarded_at = NULL, cancelled_at = NULL, cancelled_by = NULL,
         max_attempts = CASE WHEN j.max_attempts IS NULL THEN NULL ELSE greatest(j.max_attempts, j.attempt + 1) END,
-        meta = j.meta || jsonb_build_object('retried', coalesce((j.meta->>'retried')::int, 0) + 1)
+        meta = j.meta || jsonb_build_object('retried', coalesce((j.meta->>'retried')::int, 0) + 1),
+        headers = j.headers || '{"eta": null}'
+                  || CASE WHEN j.state::text = 'cancelled' THEN '{"pgbroker_unrevoke": true}'::jsonb ELSE '{}' END
     WHERE j.task_id = ANY(%(task_ids)s::text[]) AND j.state::text IN ('discarded', 'cancelled')
     RETURNING j.task_id, j.queue
 ), woke AS (
     SELECT pg_notify({schema}.notify_channel(queue), '') FROM (SELECT DISTINCT queue FROM again) q
+), forgotten AS (
+    DELETE FROM {schema}.results AS r
+    USING again, unnest(%(task_ids)s::text[], %(result_keys)s::text[]) AS k(task_id, key)
+    WHERE k.task_id = again.task_id AND r.key = k.key
+    RETURNING 1
 )
-SELECT again.task_id FROM again, (SELECT count(*) FROM woke) w;
+SELECT again.task_id FROM again, (SELECT count(*) FROM woke) w, (SELECT count(*) FROM forgotten) f;
 
 -- name: testing_make_due
 -- pgbroker.testing's drain(with_scheduled=True): a queue's scheduled and retryable jobs are due now.

@@ -233,3 +233,25 @@ def test_revoked_chord_part_fails_the_chord(results_app, start_worker):
         with pytest.raises(ChordError, match="TaskRevokedError"):
             body.get(timeout=30)
         assert part.state == "REVOKED"
+
+
+def test_a_revoked_task_retried_from_the_job_api_runs(results_app, start_worker, sql):
+    """jobs.retry() of a task whose revoke cancelled its job: the worker that remembers
+    the revoke runs it all the same, and get() waits for the new run instead of
+    raising the old REVOKED."""
+    from celery.exceptions import TaskRevokedError
+
+    from pgbroker import jobs
+
+    m = results_app
+    start_worker(pool="threads")
+    r = m.add.apply_async((2, 2), countdown=600)
+    m.app.control.revoke(r.id)
+    with pytest.raises(TaskRevokedError):
+        r.get(timeout=20)
+    wait_for(lambda: any(r.id in ids for ids in (m.app.control.inspect(timeout=1).revoked() or {}).values()),
+             20, what="the worker remembering the revoke")
+    assert jobs.retry(m.app, [r.id]) == [r.id]
+    assert m.app.AsyncResult(r.id).get(timeout=30) == 4
+    wait_for(lambda: sql("SELECT 1 FROM {schema}.jobs WHERE task_id = %s AND state = 'completed'", r.id), 10,
+             what="the job completed")
