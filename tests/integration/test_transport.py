@@ -130,7 +130,7 @@ def test_jobs_are_found_by_key_whatever_the_statistics(db, sql):
     sql("UPDATE {schema}.jobs SET state = 'discarded' WHERE id > 4000")
     settle = {"ids": [1], "attempts": [0], "ops": ["completed"], "errors": [None], "delays": [None]}
     for name, params, index in (("settle", settle, "jobs_pkey"), ("requeue", {"id": 1, "attempt": 0}, "jobs_pkey"),
-                                ("jobs_retry", {"task_ids": ["4001"]}, "jobs_task_id_key")):
+                                ("jobs_retry", {"task_ids": ["4001"], "result_keys": [None]}, "jobs_task_id_key")):
         plan = generic_plan(db, name, params)
         assert index in plan and "jobs_executing_idx" not in plan and "jobs_finished_idx" not in plan, plan
 
