@@ -335,7 +335,8 @@ class ResultBackend(KeyValueStoreBackend):
     def incr(self, key):
         """Celery's atomic counter. For the chord part being returned (Celery counts it
         with ``incr``), a part counted already, delivered again after a lost worker,
-        returns 0: it neither completes the chord early nor runs its callback twice."""
+        returns 0: it neither completes the chord early nor runs its callback twice (as
+        Celery's Redis backend counts a part once)."""
         part = getattr(self._returning, "part", None)
         if part is None:
             return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
@@ -364,7 +365,11 @@ class ResultBackend(KeyValueStoreBackend):
             row = self.db.fetchone("chord_size_get", key=bytes_to_str(self.get_key_for_chord(request.group)))
             if row and row["size"]:
                 chord["chord_size"] = row["size"]
-        self._returning.part = getattr(request, "id", None)
+        # A part is its task id and place in the header (a reused frozen signature puts
+        # one task id in several places of a header: each counts).
+        index = getattr(request, "group_index", None)
+        part = getattr(request, "id", None)
+        self._returning.part = part if part is None or index is None else f"{part}:{index}"
         try:
             return super().on_chord_part_return(request, state, result, **kwargs)
         finally:

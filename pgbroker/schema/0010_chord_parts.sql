@@ -5,6 +5,7 @@
 -- with the results (a late duplicate still finds it after the chord completed).
 CREATE TABLE {schema}.chord_parts (
     key        text NOT NULL,
+    -- the part's task id, and ":<index in the header>" when Celery gives it
     task_id    text NOT NULL,
     expires_at timestamptz,
     PRIMARY KEY (key, task_id)

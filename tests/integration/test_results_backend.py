@@ -204,9 +204,10 @@ def test_a_chord_part_returning_twice_counts_once(make_app, sql):
     GroupResult("g-dup", [app.AsyncResult("p-1"), app.AsyncResult("p-2")], app=app).save()
     backend.set_chord_size("g-dup", 2)
 
-    def part_returns(task_id):
+    def part_returns(task_id, index=None):
         backend.store_result(task_id, task_id, states.SUCCESS)
-        backend.on_chord_part_return(Context(id=task_id, group="g-dup", chord=dict(body)), states.SUCCESS, task_id)
+        request = Context(id=task_id, group="g-dup", group_index=index, chord=dict(body))
+        backend.on_chord_part_return(request, states.SUCCESS, task_id)
 
     def callbacks():
         return sql("SELECT count(*) AS n FROM {schema}.jobs WHERE task_id = 'body-1'")[0]["n"]
@@ -219,3 +220,11 @@ def test_a_chord_part_returning_twice_counts_once(make_app, sql):
     part_returns("p-2")  # a late duplicate after the chord completed
     assert callbacks() == 1
     assert [r["task_id"] for r in sql("SELECT task_id FROM {schema}.chord_parts ORDER BY task_id")] == ["p-1", "p-2"]
+    # one frozen signature in two places of a header: two parts
+    body = app.signature("tests.chord.body", options={"task_id": "body-2"})
+    GroupResult("g-dup", [app.AsyncResult("p-3"), app.AsyncResult("p-3")], app=app).save()
+    backend.set_chord_size("g-dup", 2)
+    sql("DELETE FROM {schema}.chord_parts")
+    part_returns("p-3", index=0)
+    part_returns("p-3", index=1)
+    assert sql("SELECT count(*) AS n FROM {schema}.jobs WHERE task_id = 'body-2'")[0]["n"] == 1
