@@ -81,12 +81,14 @@ def retry(source: Any, task_ids: Sequence[str], schema: str | None = None) -> bu
     errors are kept and ``meta.retried`` counts manual retries. The task's stored outcome
     (with pgbroker as this process's result backend) is deleted, so that ``get()`` waits
     for the new run, and workers that remember a revoke of the task forget it."""
+    from kombu.utils.encoding import bytes_to_str
+
     from .backend import backend_for
 
     engine = _engine(source, schema)
     task_ids = builtins.list(task_ids)
     backend = backend_for(engine.db)
-    keys = [backend.get_key_for_task(t).decode() for t in task_ids] if backend is not None else None
+    keys = [bytes_to_str(backend.get_key_for_task(t)) for t in task_ids] if backend is not None else None
     return engine.retry_jobs(task_ids, keys)
 
 
