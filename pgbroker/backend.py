@@ -30,8 +30,8 @@ from celery.app.task import Context
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import TimeoutError
 from celery.result import AsyncResult, ResultSet, task_join_will_block
-from kombu.compression import decompress
-from kombu.serialization import loads as serializer_loads, prepare_accept_content
+from kombu.message import Message as KombuMessage
+from kombu.serialization import prepare_accept_content
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads as json_loads
 
@@ -224,10 +224,9 @@ def _chord_part_request(backend: "ResultBackend", task_id: str, message: str | N
         body = message["body"]
         if message["properties"].get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        if message["headers"].get("compression"):
-            body = decompress(body, message["headers"]["compression"])
-        args, kwargs, embed = serializer_loads(body, message["content-type"], message["content-encoding"],
-                                               accept=prepare_accept_content(backend.app.conf.accept_content))
+        args, kwargs, embed = KombuMessage(  # kombu's decompression and decoding, as a worker's
+            body, content_type=message["content-type"], content_encoding=message["content-encoding"],
+            headers=message["headers"], accept=prepare_accept_content(backend.app.conf.accept_content)).decode()
     except Exception as exc:
         logger.warning("pgbroker: cancelled task %s: its message could not be read (%r); "
                        "a chord it belongs to is not told", task_id, exc)
@@ -340,7 +339,7 @@ class ResultBackend(KeyValueStoreBackend):
         part = getattr(self._returning, "part", None)
         if part is None:
             return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
-        row = self.db.fetchone("chord_part_count", key=bytes_to_str(key), task_id=part, expires=self.expires or None)
+        row = self.db.fetchone("chord_part_count", key=bytes_to_str(key), part=part, expires=self.expires or None)
         if row is None:
             logger.warning("pgbroker: chord part %s returned again (a duplicate delivery); counted once", part)
             return 0

@@ -98,13 +98,12 @@ def _run(raw, sql: str, params: dict) -> list[dict]:
         with psycopg.Cursor(raw, row_factory=tuple_row) as cur:  # whatever row factory the caller set
             cur.execute(sql, params, prepare=True)
             return _dbapi_rows(cur)
+    options = {}
     if _package(raw) == "psycopg2":
         import psycopg2.extensions
 
-        with raw.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:  # not the caller's dict cursor
-            cur.execute(sql, params)
-            return _dbapi_rows(cur)
-    with raw.cursor() as cur:
+        options["cursor_factory"] = psycopg2.extensions.cursor  # not the caller's dict cursor
+    with raw.cursor(**options) as cur:
         cur.execute(sql, params)
         return _dbapi_rows(cur)
 

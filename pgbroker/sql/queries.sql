@@ -558,12 +558,12 @@ ON CONFLICT (key) DO UPDATE SET value = c.value + 1
 RETURNING c.value;
 
 -- name: chord_part_count
--- Count one header part of a chord, once per task id: the counter's new value, or no
--- row when this part had counted already (a duplicate delivery). The counter and the
--- part expire with the results.
+-- Count one header part of a chord (task id and place in the header) once: the
+-- counter's new value, or no row when this part had counted already (a duplicate
+-- delivery). The counter and the part expire with the results.
 WITH part AS (
-    INSERT INTO {schema}.chord_parts (key, task_id, expires_at)
-    VALUES (%(key)s, %(task_id)s, now() + make_interval(secs => %(expires)s::float8))
+    INSERT INTO {schema}.chord_parts (key, part, expires_at)
+    VALUES (%(key)s, %(part)s, now() + make_interval(secs => %(expires)s::float8))
     ON CONFLICT DO NOTHING
     RETURNING key
 )
@@ -598,8 +598,8 @@ WITH {leader}, gone AS (
         LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
     RETURNING 1
 ), gone_parts AS (
-    DELETE FROM {schema}.chord_parts WHERE (key, task_id) IN (
-        SELECT key, task_id FROM {schema}.chord_parts
+    DELETE FROM {schema}.chord_parts WHERE (key, part) IN (
+        SELECT key, part FROM {schema}.chord_parts
         WHERE expires_at <= now() AND (SELECT ok FROM leader)
         ORDER BY expires_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
     RETURNING 1

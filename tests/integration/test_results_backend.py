@@ -219,7 +219,7 @@ def test_a_chord_part_returning_twice_counts_once(make_app, sql):
     assert callbacks() == 1
     part_returns("p-2")  # a late duplicate after the chord completed
     assert callbacks() == 1
-    assert [r["task_id"] for r in sql("SELECT task_id FROM {schema}.chord_parts ORDER BY task_id")] == ["p-1", "p-2"]
+    assert [r["part"] for r in sql("SELECT part FROM {schema}.chord_parts ORDER BY part")] == ["p-1", "p-2"]
     # one frozen signature in two places of a header: two parts
     body = app.signature("tests.chord.body", options={"task_id": "body-2"})
     GroupResult("g-dup", [app.AsyncResult("p-3"), app.AsyncResult("p-3")], app=app).save()
