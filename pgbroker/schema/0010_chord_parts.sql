@@ -5,9 +5,8 @@
 -- with the results (a late duplicate still finds it after the chord completed).
 CREATE TABLE {schema}.chord_parts (
     key        text NOT NULL,
-    -- the part's task id, and ":<its place in the header>" when Celery gives it
-    part       text NOT NULL,
+    task_id    text NOT NULL,
     expires_at timestamptz,
-    PRIMARY KEY (key, part)
+    PRIMARY KEY (key, task_id)
 );
 CREATE INDEX chord_parts_expires_idx ON {schema}.chord_parts (expires_at) WHERE expires_at IS NOT NULL;

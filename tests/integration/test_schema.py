@@ -82,3 +82,20 @@ def test_url_parameters_and_pg_environment(database_url, schema, monkeypatch):
             assert conn.execute("SHOW application_name").fetchone()[0] == "pgbroker-test"
     finally:
         db.close()
+
+
+def test_upgrade_keeps_counted_chord_parts(database_url, schema):
+    """A database at version 10 (chord_parts.task_id) upgrades in place: a part counted
+    before the upgrade is not counted again after it."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        S.migrate(conn, schema, target=10)
+        conn.execute(S.render("INSERT INTO {schema}.chord_parts (key, task_id) VALUES ('k', 'a:0')", schema))
+        conn.execute(S.render("INSERT INTO {schema}.counters (key, value) VALUES ('k', 1)", schema))
+        assert S.migrate(conn, schema) == [v for v in (m.version for m in S.migrations()) if v > 10]
+    db = Database(database_url, Options(schema=schema))
+    try:
+        again = db.fetchone("chord_part_count", key="k", part="a:0", expires=None)
+        fresh = db.fetchone("chord_part_count", key="k", part="b:1", expires=None)
+        assert (again, fresh["value"]) == (None, 2)
+    finally:
+        db.close()
