@@ -84,12 +84,16 @@ def test_url_parameters_and_pg_environment(database_url, schema, monkeypatch):
         db.close()
 
 
-def test_upgrade_keeps_counted_chord_parts(database_url, schema):
-    """A database at version 10 (chord_parts.task_id) upgrades in place: a part counted
-    before the upgrade is not counted again after it."""
+@pytest.mark.parametrize("column", ["task_id", "part"])
+def test_upgrade_keeps_counted_chord_parts(database_url, schema, column):
+    """A database at version 10 upgrades in place, whichever name its chord_parts
+    column has (version 10 named it part for a while): a part counted before the
+    upgrade is not counted again after it."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         S.migrate(conn, schema, target=10)
-        conn.execute(S.render("INSERT INTO {schema}.chord_parts (key, task_id) VALUES ('k', 'a:0')", schema))
+        if column == "part":
+            conn.execute(S.render("ALTER TABLE {schema}.chord_parts RENAME task_id TO part", schema))
+        conn.execute(S.render("INSERT INTO {schema}.chord_parts (key, " + column + ") VALUES ('k', 'a:0')", schema))
         conn.execute(S.render("INSERT INTO {schema}.counters (key, value) VALUES ('k', 1)", schema))
         assert S.migrate(conn, schema) == [v for v in (m.version for m in S.migrations()) if v > 10]
     db = Database(database_url, Options(schema=schema))
@@ -115,7 +119,7 @@ SHIPPED = {
     8: "bd19d85c7119aebf",
     9: "297d805ee56ddceb",
     10: "ede08a6ac321b018",
-    11: "436d386bb0068f21",
+    11: "f628c3a218bde373",
 }
 
 
