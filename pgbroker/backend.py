@@ -60,6 +60,11 @@ class ResultWaiter:
     later ``get()`` knows the result is not stored yet without reading it. The
     expected keys are bounded (oldest dropped first) and forgotten whenever the
     LISTEN connection breaks; a key not known that way is read.
+
+    Postgres wakes every listening connection of a database for each NOTIFY, so a
+    process that has had nobody waiting for ``result_listener_idle`` seconds closes
+    its LISTEN connection (forgetting the expected keys); the next :meth:`watch`
+    opens it again before its caller's first read.
     """
 
     MAX_EXPECTED = 1000
@@ -67,25 +72,51 @@ class ResultWaiter:
     def __init__(self, db: Database):
         self.db = db
         self.channel = channel_name(db.options.schema, RESULTS_QUEUE)
+        self._idle_after = db.options.result_listener_idle
         self._watchers: dict[str, set[threading.Event]] = {}
         self._expected: OrderedDict[str, None] = OrderedDict()
         self._notified: dict[str, bytes | None] = {}  # for watched and expected keys only
         self._lock = threading.Lock()
+        self._connecting = threading.Lock()  # opening and closing the LISTEN connection
         self._closed = threading.Event()
         self._listener = db.listener()
         self._listener.listen([self.channel])
         self._listening = False  # expected keys are kept only while the LISTEN connection is up
+        self._released = False  # closed for idleness: the dispatcher waits for a watcher
+        self._reopened = threading.Event()
+        self._last_busy = time.monotonic()
         self._connect()
         threading.Thread(target=self._run, name="pgbroker-results", daemon=True).start()
 
+    @property
+    def listening(self) -> bool:
+        """Whether the LISTEN connection is open (notifications are being seen)."""
+        return self._listening
+
     def _connect(self) -> None:
-        """(Re)connect the LISTEN connection: notifications from here on are seen."""
-        try:
-            self._listener.fds()
-        except DatabaseUnavailable:
-            return  # waiters read instead; the dispatcher thread tries again
-        with self._lock:
-            self._listening = True
+        """(Re)connect the LISTEN connection: notifications from here on are seen. Any
+        thread; a second caller waits for the first one's connection and uses it."""
+        with self._connecting:
+            try:
+                self._listener.fds()
+            except DatabaseUnavailable:
+                with self._lock:
+                    self._released = False  # waiters read instead; the dispatcher thread tries again
+                return
+            with self._lock:
+                self._listening, self._released = True, False
+
+    def _release_if_idle(self) -> None:
+        """Close the LISTEN connection when nobody has waited for ``result_listener_idle`` s."""
+        with self._connecting:
+            with self._lock:
+                if self._watchers or not self._listening or time.monotonic() - self._last_busy < self._idle_after:
+                    return
+                self._listening, self._released = False, True
+                self._reopened.clear()
+                self._expected.clear()  # their notifications will not be seen
+                self._notified.clear()
+            self._listener.close_connection()
 
     def expect(self, key: str) -> None:
         """Start keeping ``key``'s notifications: call before its task is published."""
@@ -100,7 +131,8 @@ class ResultWaiter:
 
     def watch(self, keys: Iterable[str]) -> tuple[threading.Event, set[str]]:
         """Register a waiter for ``keys``: its Event, and the keys that were expected
-        (every notification of theirs since before they were published was kept)."""
+        (every notification of theirs since before they were published was kept).
+        Opens the LISTEN connection again if it was closed for idleness."""
         event = threading.Event()
         with self._lock:
             known = set()
@@ -108,6 +140,11 @@ class ResultWaiter:
                 self._watchers.setdefault(key, set()).add(event)
                 if self._expected.pop(key, 0) is None:
                     known.add(key)
+            self._last_busy = time.monotonic()
+            released = self._released
+        if released:  # listening again before the caller's first read: nothing is missed
+            self._connect()
+            self._reopened.set()
         return event, known
 
     def unwatch(self, keys: Iterable[str], event: threading.Event) -> None:
@@ -119,6 +156,7 @@ class ResultWaiter:
                     if not events:
                         del self._watchers[key]
                         self._notified.pop(key, None)
+            self._last_busy = time.monotonic()
 
     def take(self, keys: Iterable[str]) -> dict[str, bytes | None]:
         """The keys notified so far (the latest notification of each): their stored
@@ -130,14 +168,18 @@ class ResultWaiter:
     def close(self) -> None:
         """Stop listening (the process is done with this database)."""
         self._closed.set()
+        self._reopened.set()
         self._listener.wake()
 
     def _run(self) -> None:
         while not self._closed.is_set():
+            if self._released:
+                self._reopened.wait()
+                continue
             try:
                 if not self._listening:
                     self._connect()
-                notes = self._listener.wait(5.0)
+                notes = self._listener.wait(min(5.0, self._idle_after))
             except Exception as exc:  # waiters fall back to polling meanwhile
                 if self._closed.is_set():
                     break
@@ -155,6 +197,7 @@ class ResultWaiter:
                         self._notified[key] = _decoded(data)
                     for event in events or ():
                         event.set()
+            self._release_if_idle()
         self._listener.close()
 
 

@@ -81,6 +81,10 @@ class Options:
     pool_timeout: float = 5.0
     #: ``synchronous_commit`` for pgbroker's own connections (None: the server's setting).
     synchronous_commit: str | None = None
+    #: A process that waited for results (``get()``) and has nobody waiting any more
+    #: closes its LISTEN connection after this long (seconds), and opens it again at the
+    #: next ``get()``: every NOTIFY wakes every listening connection of the database.
+    result_listener_idle: float = 60.0
     #: How often a worker deletes expired results and counters (seconds; one leader at a time).
     prune_interval: float = 60.0
     #: Most rows one pruning statement deletes.
@@ -118,7 +122,8 @@ class Options:
         validate_schema(self.schema)
         if self.ack_linger < 0 or self.routing_cache_ttl < 0:
             raise ConfigurationError("ack_linger and routing_cache_ttl must be >= 0")
-        for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout", "prune_interval"):
+        for name in ("polling_interval", "heartbeat_interval", "rescue_after", "pool_timeout", "prune_interval",
+                     "result_listener_idle"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.rescue_after < 2 * self.heartbeat_interval:

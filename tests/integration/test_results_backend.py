@@ -228,3 +228,32 @@ def test_a_chord_part_returning_twice_counts_once(make_app, sql):
     part_returns("p-3", index=0)
     part_returns("p-3", index=1)
     assert sql("SELECT count(*) AS n FROM {schema}.jobs WHERE task_id = 'body-2'")[0]["n"] == 1
+
+
+def test_an_idle_process_stops_listening_until_its_next_get(make_app, transport_options, sql, schema):
+    """Every NOTIFY wakes every listening connection of the database: with nobody waiting
+    for result_listener_idle seconds, the process closes its LISTEN connection; the next
+    get() opens it again before reading, and wakes on the notification (the re-read
+    every result_polling_interval is 60 s)."""
+    from pgbroker.backend import RESULTS_QUEUE
+    from pgbroker.message import channel_name
+
+    app = make_app(broker_transport_options={**transport_options, "result_listener_idle": 0.3},
+                   result_polling_interval=60)
+    listen = f'LISTEN "{channel_name(schema, RESULTS_QUEUE)}"'
+
+    def listeners():
+        return sql("SELECT count(*) AS n FROM pg_stat_activity WHERE query = %s", listen)[0]["n"]
+
+    app.backend.store_result("first", 1, states.SUCCESS)
+    assert app.AsyncResult("first").get(timeout=5) == 1
+    wait_for(lambda: listeners() == 0, timeout=10, what="the idle LISTEN connection closed")
+    got = []
+    thread = threading.Thread(target=lambda: got.append(app.AsyncResult("second").get(timeout=30)))
+    started = time.monotonic()
+    thread.start()
+    wait_for(lambda: listeners() == 1, timeout=10, what="get() listening again")
+    app.backend.store_result("second", 2, states.SUCCESS)
+    thread.join(40)
+    assert got == [2]
+    assert time.monotonic() - started < 10
