@@ -147,6 +147,13 @@ def install() -> None:
     _installed = True
 
 
+def _header(request, name: str) -> Any:
+    """A pgbroker message header of a task's request: a worker's request carries the
+    message headers as attributes, an eager one (``Task.apply``) in ``request.headers``."""
+    value = getattr(request, name, None)
+    return value if value is not None else (getattr(request, "headers", None) or {}).get(name)
+
+
 def _task_base():
     from celery import Task as CeleryTask
     from celery.utils.time import get_exponential_backoff_interval
@@ -176,8 +183,7 @@ def _task_base():
         def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
                   max_retries=None, **options):
             request = self.request
-            attempts = getattr(request, "pgbroker_max_attempts", None)
-            backoff = getattr(request, "pgbroker_backoff", None)
+            attempts, backoff = _header(request, "pgbroker_max_attempts"), _header(request, "pgbroker_backoff")
             carried = {k: v for k, v in (("pgbroker_max_attempts", attempts), ("pgbroker_backoff", backoff))
                        if v is not None}
             if attempts is not None and max_retries is None:

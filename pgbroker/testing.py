@@ -178,7 +178,8 @@ class Sandbox:
         if task is None:
             done.discarded += 1
             return Outcome(job_id, attempt, "discarded", error_entry(attempt, f"unknown task {name!r}"))
-        result = task.apply(args, kwargs, task_id=task_id, retries=headers.get("retries") or 0)
+        carried = {k: v for k, v in headers.items() if k.startswith("pgbroker_") and k != "pgbroker_job"}
+        result = task.apply(args, kwargs, task_id=task_id, retries=headers.get("retries") or 0, headers=carried)
         value = result.result
         if isinstance(value, Snooze):
             done.snoozed += 1

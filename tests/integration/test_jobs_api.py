@@ -349,3 +349,31 @@ def test_leader_runs_once_per_interval_across_processes(engine, sql):
     assert engine.rescue(60, wait=True) is not None           # a shutdown's own rescue needs no lease
     assert {r["name"]: r["ran_by"] is not None for r in sql("SELECT name, ran_by FROM {schema}.services")} == {
         "rescue": True, "prune-jobs": True, "prune-results": False}
+
+
+def test_drain_honours_max_attempts(database_url):
+    """drain() runs retries inline as a worker would run them: a call's max_attempts
+    (or the task's) stops them, not Celery's max_retries."""
+    from pgbroker.testing import sandbox
+
+    app = Celery("sandboxed", set_as_current=False, task_cls="pgbroker:Task")
+    runs = []
+
+    @app.task(name="s.flaky", bind=True, max_retries=10)
+    def flaky(self, key):
+        runs.append(key)
+        raise self.retry(exc=ValueError("still failing"), countdown=0)
+
+    @app.task(name="s.capped", bind=True, max_retries=10, max_attempts=3)
+    def capped(self):
+        runs.append("capped")
+        raise self.retry(exc=ValueError("still failing"), countdown=0)
+
+    with sandbox(database_url) as box:
+        box.configure(app)
+        flaky.apply_async(("call",), max_attempts=2)
+        capped.delay()
+        drained = box.drain(app)
+        assert drained.failed == 2
+        assert sorted(runs) == ["call", "call", "capped", "capped", "capped"]
+        assert {j.task: j.state.value for j in jobs.list(box.engine)} == {"s.flaky": "discarded", "s.capped": "discarded"}
