@@ -20,6 +20,9 @@ One command (`make bench`), every broker in the same run, on this machine:
 * worker RSS (whole process tree, prefork -c 2) idle, then after 20,000 tasks
   with ``countdown=3600`` were published (Redis/RabbitMQ workers hold them in memory).
 
+Redis runs twice too: as usually configured for Celery (no persistence here), and
+``redis-durable``, which fsyncs every write (AOF ``appendfsync always``).
+
 pgbroker runs twice: durable publishes (the server's ``synchronous_commit``) and
 ``synchronous_commit=off`` (a server crash may lose the last few hundred ms of
 publishes: Redis's default durability). Its jobs table is emptied before each measurement.
@@ -49,6 +52,8 @@ BROKERS = {
     "pgbroker-async": (f"pgbroker://{PG}/pgbroker_bench_async", {"schema": "bench", "synchronous_commit": "off"},
                        f"pgbroker://{PG}/pgbroker_bench_async"),
     "redis": ("redis://127.0.0.1:6379/0", {}, "redis://127.0.0.1:6379/1"),
+    # Redis fsyncing every write (AOF, appendfsync always): durable like pgbroker's default
+    "redis-durable": ("redis://127.0.0.1:6380/0", {}, "redis://127.0.0.1:6380/1"),
     "rabbitmq": ("amqp://guest:guest@127.0.0.1:5672//", {}, "rpc://"),
     "sqlalchemy": (f"sqla+postgresql+psycopg://{PG}/pgbroker_bench_sqla", {},
                    f"db+postgresql+psycopg://{PG}/pgbroker_bench_sqla"),
@@ -348,7 +353,8 @@ def fmt(v, spec=".0f"):
 
 
 def table(results, names):
-    cols = names + ["pgbroker ÷ redis", "pgbroker ÷ rabbitmq"]
+    others = [o for o in ("redis", "redis-durable", "rabbitmq") if o in names]
+    cols = names + [f"pgbroker ÷ {o}" for o in others]
     lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
 
     def ratio(a, b, higher_better=True):
@@ -360,7 +366,7 @@ def table(results, names):
         vals = [get(results.get(n, {})) for n in names]
         pg = get(results.get("pgbroker", {}))
         cells = [fmt(v, spec) for v in vals]
-        cells += [ratio(pg, get(results.get(o, {})), higher_better) for o in ("redis", "rabbitmq")]
+        cells += [ratio(pg, get(results.get(o, {})), higher_better) for o in others]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     row("enqueue, tasks/s", lambda r: r.get("enqueue"))

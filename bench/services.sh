@@ -11,6 +11,13 @@ fi
 if ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then
   redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --save '' --appendonly no
 fi
+# A second Redis that fsyncs every write (AOF, appendfsync always): the benchmark's
+# "redis-durable", durable like pgbroker's default commits.
+if ! redis-cli -h 127.0.0.1 -p 6380 ping >/dev/null 2>&1; then
+  mkdir -p /tmp/pgbroker-bench-redis-durable
+  redis-server --bind 127.0.0.1 --port 6380 --daemonize yes --dir /tmp/pgbroker-bench-redis-durable \
+    --save '' --appendonly yes --appendfsync always
+fi
 
 if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
   RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 rabbitmq-server -detached
@@ -34,4 +41,4 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker_bench_asyn
 SELECT 'CREATE DATABASE pgbroker_bench_sqla OWNER pgbroker'
 WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'pgbroker_bench_sqla') \gexec
 SQL
-echo "services up: postgres, redis, rabbitmq on 127.0.0.1"
+echo "services up: postgres, redis (6379, and 6380 fsyncing every write), rabbitmq on 127.0.0.1"
