@@ -88,11 +88,6 @@ class ResultWaiter:
         self._connect()
         threading.Thread(target=self._run, name="pgbroker-results", daemon=True).start()
 
-    @property
-    def listening(self) -> bool:
-        """Whether the LISTEN connection is open (notifications are being seen)."""
-        return self._listening
-
     def _connect(self) -> None:
         """(Re)connect the LISTEN connection: notifications from here on are seen. Any
         thread; a second caller waits for the first one's connection and uses it."""
