@@ -77,7 +77,8 @@ class Options:
     #: Connections kept by the per-process pool.
     pool_min_size: int = 1
     pool_max_size: int = 8
-    #: Seconds to wait for a pooled connection before raising a connection error.
+    #: Seconds to wait for a pooled connection before raising a connection error; also
+    #: the connect timeout of pgbroker's connections unless the URL sets one.
     pool_timeout: float = 5.0
     #: ``synchronous_commit`` for pgbroker's own connections (None: the server's setting).
     synchronous_commit: str | None = None

@@ -8,6 +8,7 @@ connection inherited across ``fork()`` is never used nor closed by the child
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import threading
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -42,6 +44,15 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def connect_timeout(conninfo: str, options: Options) -> dict[str, int]:
+    """``connect_timeout`` for pgbroker's own connections (``pool_timeout`` rounded up,
+    at least libpq's 2 s) unless the URL or ``PGCONNECT_TIMEOUT`` sets one: a server
+    that accepts connections and never answers must not hold a connect forever."""
+    if "PGCONNECT_TIMEOUT" in os.environ or "connect_timeout" in conninfo_to_dict(conninfo):
+        return {}
+    return {"connect_timeout": max(2, math.ceil(options.pool_timeout))}
+
+
 class Database:
     """A pooled connection to one pgbroker schema, with its named queries.
 
@@ -56,12 +67,14 @@ class Database:
         self.q = queries(options.schema)
         self._ready = False
         self._ready_lock = threading.Lock()
+        #: What every connection of this Database is opened with (pool and LISTEN).
+        self.connect_kwargs = {"autocommit": True, **connect_timeout(conninfo, options)}
         self.pool = ConnectionPool(
             conninfo,
             min_size=options.pool_min_size,
             max_size=options.pool_max_size,
             timeout=options.pool_timeout,
-            kwargs={"autocommit": True},
+            kwargs=self.connect_kwargs,
             configure=self._configure,
             open=False,
             name=f"pgbroker-{os.getpid()}",
@@ -245,7 +258,7 @@ class Listener:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg.connect(self.db.conninfo, autocommit=True)
+                self._conn = psycopg.connect(self.db.conninfo, **self.db.connect_kwargs)
                 for channel in self._channels:
                     self._conn.execute(f'LISTEN "{channel}"')
             except psycopg.OperationalError as exc:

@@ -108,7 +108,9 @@ class TcpProxy:
     """A TCP forwarder to a real server that a test can cut and restore.
 
     While cut, every forwarded connection is closed and new ones are closed on
-    accept: to its clients the server looks dead, without stopping it.
+    accept: to its clients the server looks dead, without stopping it. While hung,
+    new connections are accepted and never answered (a server that has stopped
+    responding, or a proxy in front of one).
     """
 
     def __init__(self, host: str, port: int):
@@ -116,6 +118,8 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._cut = threading.Event()
+        self._hung = threading.Event()
+        self._held: list[socket.socket] = []
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -132,11 +136,23 @@ class TcpProxy:
                     pass
                 s.close()
 
+    def hang(self) -> None:
+        """Cut, then accept new connections and never answer them."""
+        self.cut()
+        self._hung.set()
+        self._cut.clear()
+
     def restore(self) -> None:
         self._cut.clear()
+        self._hung.clear()
+        with self._lock:
+            held, self._held = self._held, []
+        for s in held:
+            s.close()
 
     def close(self) -> None:
         self.cut()
+        self.restore()
         self.listener.close()
 
     def _accept(self) -> None:
@@ -147,6 +163,10 @@ class TcpProxy:
                 return
             if self._cut.is_set():
                 client.close()
+                continue
+            if self._hung.is_set():
+                with self._lock:
+                    self._held.append(client)
                 continue
             try:
                 server = socket.create_connection(self.target)

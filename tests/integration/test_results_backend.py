@@ -257,3 +257,44 @@ def test_an_idle_process_stops_listening_until_its_next_get(make_app, transport_
     thread.join(40)
     assert got == [2]
     assert time.monotonic() - started < 10
+
+
+def test_get_against_a_server_that_stopped_answering_times_out(make_app, transport_options, broker_url,
+                                                                database_url, sql):
+    """The server accepts connections and never answers: get() opening its LISTEN
+    connection again gives up after the connect timeout (pool_timeout) and raises
+    Celery's TimeoutError at its deadline instead of waiting for the server forever."""
+    from urllib.parse import urlsplit
+
+    from celery.exceptions import TimeoutError
+
+    from tests.helpers import TcpProxy
+
+    u = urlsplit(database_url)
+    proxy = TcpProxy(u.hostname, u.port or 5432)
+    try:
+        via_proxy = broker_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
+        options = {**transport_options, "result_listener_idle": 0.2, "pool_timeout": 2.0}
+        app = make_app(result_backend=via_proxy, result_backend_transport_options=options,
+                       result_polling_interval=0.5)
+        app.backend.store_result("before", 1, states.SUCCESS)
+        assert app.AsyncResult("before").get(timeout=10) == 1
+        waiter = app.backend.db._result_waiter
+        wait_for(lambda: waiter._released, timeout=10, what="the idle LISTEN connection closed")
+        proxy.hang()
+        got = []
+
+        def wait():
+            try:
+                got.append(app.AsyncResult("during").get(timeout=3))
+            except Exception as exc:
+                got.append(exc)
+
+        thread = threading.Thread(target=wait, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(30)
+        assert not thread.is_alive(), "get() still waiting for a server that never answers"
+        assert isinstance(got[0], TimeoutError) and time.monotonic() - started < 15
+    finally:
+        proxy.close()

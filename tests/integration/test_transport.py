@@ -326,3 +326,49 @@ def test_options_are_not_taken_from_whoever_connected_first(broker_url, transpor
 
     shutdown(databases[1])  # a test's teardown closes every configuration of its schema
     assert all(d.pool.closed for d in databases)
+
+
+def test_a_consumer_facing_a_server_that_never_answers_gets_a_connection_error(broker_url, database_url,
+                                                                                  transport_options):
+    """The server stops answering (it accepts connections and says nothing): a consumer
+    whose LISTEN connection broke gives up reconnecting it after the connect timeout
+    (pool_timeout) with a connection error, which kombu's and Celery's reconnect logic
+    handle, instead of waiting forever."""
+    from contextlib import suppress
+    from urllib.parse import urlsplit
+
+    from tests.helpers import TcpProxy
+
+    u = urlsplit(database_url)
+    proxy = TcpProxy(u.hostname, u.port or 5432)
+    conn = None
+    try:
+        url = broker_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
+        conn = Connection(url, transport_options={**transport_options, "pool_timeout": 2.0})
+        q = publish(conn, "stuck", "before")
+        got = []
+        consumer = conn.Consumer(q, callbacks=[lambda body, message: (got.append(body), message.ack())])
+        consumer.consume()
+        conn.drain_events(timeout=10)
+        assert got == ["before"]
+        proxy.hang()
+        errors, done = [], threading.Event()
+
+        def drain():
+            for _ in range(2):  # the first finds the LISTEN connection cut, the second reconnects it
+                try:
+                    conn.drain_events(timeout=1)
+                except Exception as exc:
+                    errors.append(exc)
+            done.set()
+
+        started = time.monotonic()
+        threading.Thread(target=drain, daemon=True).start()
+        assert done.wait(30), "drain_events() still connecting to a server that never answers"
+        assert len(errors) == 2 and all(isinstance(e, conn.connection_errors) for e in errors)
+        assert time.monotonic() - started < 15
+    finally:
+        proxy.close()
+        if conn is not None:
+            with suppress(Exception):
+                conn.release()
