@@ -24,9 +24,12 @@ URL_HELP = "Database URL (pgbroker:// or postgresql://); default: $PGBROKER_URL,
 def _connect(url: str | None, schema: str):
     import psycopg
 
+    from .config import Options
+    from .db import connect_timeout
+
     conninfo = conninfo_from_url(url or os.environ.get("PGBROKER_URL"))
     try:
-        return psycopg.connect(conninfo, autocommit=True)
+        return psycopg.connect(conninfo, autocommit=True, **connect_timeout(conninfo, Options()))
     except psycopg.OperationalError as exc:
         raise click.ClickException(f"cannot connect to {mask_url(conninfo)}: {exc}") from None
 
