@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -104,6 +105,21 @@ class Beat(CeleryProcess):
         super().__init__(env, cmd, name, overrides, cwd)
 
 
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list]:
+    """Start ``fn`` in a daemon thread; the list receives its return value or exception."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(fn())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 class TcpProxy:
     """A TCP forwarder to a real server that a test can cut and restore.
 
@@ -123,6 +139,18 @@ class TcpProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @classmethod
+    def in_front_of(cls, url: str) -> "TcpProxy":
+        """A proxy to the server of ``url``."""
+        u = urlsplit(url)
+        return cls(u.hostname, u.port or 5432)
+
+    def route(self, url: str) -> str:
+        """``url`` through this proxy (its host and port replaced)."""
+        u = urlsplit(url)
+        userinfo = u.netloc.rsplit("@", 1)[0] + "@" if "@" in u.netloc else ""
+        return urlunsplit(u._replace(netloc=f"{userinfo}127.0.0.1:{self.port}"))
 
     def cut(self) -> None:
         self._cut.set()

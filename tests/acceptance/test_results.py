@@ -142,14 +142,10 @@ def test_pickle_results_and_unserializable_results(results_app_with, start_worke
 
 def test_result_written_after_database_outage(results_app_with, start_worker, database_url, sql):
     """The worker's connection to the results dies while the task runs; the result arrives later."""
-    from urllib.parse import urlsplit
-
-    u = urlsplit(database_url)
-    proxy = TcpProxy(u.hostname, u.port or 5432)
+    proxy = TcpProxy.in_front_of(database_url)
     try:
         m = results_app_with()
-        via_proxy = m.app.conf.result_backend.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
-        w = start_worker(pool="threads", overrides={"RESULT_BACKEND": via_proxy})
+        w = start_worker(pool="threads", overrides={"RESULT_BACKEND": proxy.route(m.app.conf.result_backend)})
         r = m.gated.delay("outage")
         wait_for(lambda: sql("SELECT 1 FROM {schema}.effects WHERE key = 'outage'"), 20, what="task started")
         proxy.cut()

@@ -380,17 +380,13 @@ def test_drain_honours_max_attempts(database_url):
 
 
 def test_cli_against_a_server_that_never_answers_fails_with_a_clear_error(database_url, schema):
-    from urllib.parse import urlsplit
-
     from tests.helpers import TcpProxy
 
-    u = urlsplit(database_url)
-    proxy = TcpProxy(u.hostname, u.port or 5432)
+    proxy = TcpProxy.in_front_of(database_url)
     try:
         proxy.hang()
-        url = database_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
         started = time.monotonic()
-        out = CliRunner().invoke(main, ["--url", url, "migrate", "--schema", schema])
+        out = CliRunner().invoke(main, ["--url", proxy.route(database_url), "migrate", "--schema", schema])
         assert out.exit_code != 0 and "cannot connect" in out.output
         assert time.monotonic() - started < 30
     finally:

@@ -122,26 +122,13 @@ def test_every_thread_waiting_for_a_task_wakes_on_its_result(make_app):
 def test_get_rides_out_a_short_database_outage(make_app, broker_url, database_url, caplog):
     """The connection under a waiting get() dies: it keeps waiting (re-reading every
     result_polling_interval) and returns the result once the database is back."""
-    from urllib.parse import urlsplit
+    from tests.helpers import TcpProxy, in_thread
 
-    from tests.helpers import TcpProxy
-
-    u = urlsplit(database_url)
-    proxy = TcpProxy(u.hostname, u.port or 5432)
+    proxy = TcpProxy.in_front_of(database_url)
     try:
         writer = make_app()
-        via_proxy = broker_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
-        reader = make_app(result_backend=via_proxy, result_polling_interval=0.2)
-        got = []
-
-        def wait():
-            try:
-                got.append(reader.AsyncResult("t-outage").get(timeout=60))
-            except Exception as exc:
-                got.append(exc)
-
-        thread = threading.Thread(target=wait)
-        thread.start()
+        reader = make_app(result_backend=proxy.route(broker_url), result_polling_interval=0.2)
+        thread, got = in_thread(lambda: reader.AsyncResult("t-outage").get(timeout=60))
         waiter = wait_for(lambda: getattr(reader.backend.db, "_result_waiter", None), timeout=10)
         wait_for(lambda: waiter._watchers.get("celery-task-meta-t-outage"), timeout=10)
         proxy.cut()
@@ -260,39 +247,26 @@ def test_an_idle_process_stops_listening_until_its_next_get(make_app, transport_
 
 
 def test_get_against_a_server_that_stopped_answering_times_out(make_app, transport_options, broker_url,
-                                                                database_url, sql):
+                                                                database_url):
     """The server accepts connections and never answers: get() opening its LISTEN
     connection again gives up after the connect timeout (pool_timeout) and raises
     Celery's TimeoutError at its deadline instead of waiting for the server forever."""
-    from urllib.parse import urlsplit
-
     from celery.exceptions import TimeoutError
 
-    from tests.helpers import TcpProxy
+    from tests.helpers import TcpProxy, in_thread
 
-    u = urlsplit(database_url)
-    proxy = TcpProxy(u.hostname, u.port or 5432)
+    proxy = TcpProxy.in_front_of(database_url)
     try:
-        via_proxy = broker_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
         options = {**transport_options, "result_listener_idle": 0.2, "pool_timeout": 2.0}
-        app = make_app(result_backend=via_proxy, result_backend_transport_options=options,
+        app = make_app(result_backend=proxy.route(broker_url), result_backend_transport_options=options,
                        result_polling_interval=0.5)
         app.backend.store_result("before", 1, states.SUCCESS)
         assert app.AsyncResult("before").get(timeout=10) == 1
         waiter = app.backend.db._result_waiter
         wait_for(lambda: waiter._released, timeout=10, what="the idle LISTEN connection closed")
         proxy.hang()
-        got = []
-
-        def wait():
-            try:
-                got.append(app.AsyncResult("during").get(timeout=3))
-            except Exception as exc:
-                got.append(exc)
-
-        thread = threading.Thread(target=wait, daemon=True)
         started = time.monotonic()
-        thread.start()
+        thread, got = in_thread(lambda: app.AsyncResult("during").get(timeout=3))
         thread.join(30)
         assert not thread.is_alive(), "get() still waiting for a server that never answers"
         assert isinstance(got[0], TimeoutError) and time.monotonic() - started < 15

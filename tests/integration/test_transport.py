@@ -335,16 +335,13 @@ def test_a_consumer_facing_a_server_that_never_answers_gets_a_connection_error(b
     (pool_timeout) with a connection error, which kombu's and Celery's reconnect logic
     handle, instead of waiting forever."""
     from contextlib import suppress
-    from urllib.parse import urlsplit
 
     from tests.helpers import TcpProxy
 
-    u = urlsplit(database_url)
-    proxy = TcpProxy(u.hostname, u.port or 5432)
+    proxy = TcpProxy.in_front_of(database_url)
     conn = None
     try:
-        url = broker_url.replace(f"@{u.hostname}:{u.port}", f"@127.0.0.1:{proxy.port}")
-        conn = Connection(url, transport_options={**transport_options, "pool_timeout": 2.0})
+        conn = Connection(proxy.route(broker_url), transport_options={**transport_options, "pool_timeout": 2.0})
         q = publish(conn, "stuck", "before")
         got = []
         consumer = conn.Consumer(q, callbacks=[lambda body, message: (got.append(body), message.ack())])
