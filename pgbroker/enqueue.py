@@ -341,7 +341,9 @@ class Binding:
         if not self.adapter.in_transaction():
             raise NotInTransaction(
                 f"pgbroker.atomic() needs an open transaction on the {self.adapter.name()} "
-                f"(it is in autocommit mode and no transaction was begun)"
+                f"(it is in autocommit mode and no transaction was begun; in a commit hook such as "
+                f"delay_on_commit() the transaction has already committed: open pgbroker.atomic() "
+                f"inside the transaction, or publish outside it)"
             )
         identity = self._identity(db)
         if identity != db.identity() and identity != db.identity(refresh=True):

@@ -464,3 +464,22 @@ def test_bad_bindings_are_typed_errors(app, database_url):
         with pgbroker.atomic(conn):
             app.add.delay(1, 1)
     conn.close()
+
+
+def test_a_commit_hook_inside_pgbroker_atomic_says_what_to_do(app, django_db, sql):
+    """pgbroker.atomic() opened outside Django's atomic(): delay_on_commit() runs after
+    the commit, still inside pgbroker.atomic(), so there is no transaction to join any
+    more. The error says so and how to nest them; nothing is stored half-way."""
+    from django.db import transaction
+
+    def jobs():
+        return sql("SELECT count(*) AS n FROM {schema}.jobs")[0]["n"]
+
+    before = jobs()
+    with pytest.raises(pgbroker.NotInTransaction, match="already committed: open pgbroker.atomic"):
+        with pgbroker.atomic(django_db), transaction.atomic():
+            transaction.on_commit(lambda: app.add.delay(1, 1))
+    assert jobs() == before
+    with transaction.atomic(), pgbroker.atomic(django_db):  # the nesting that works
+        app.add.delay(1, 1)
+    assert jobs() == before + 1
