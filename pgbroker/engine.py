@@ -209,9 +209,9 @@ class JobEngine:
     def settle(self, outcomes: Iterable[Outcome]) -> None:
         """Write outcomes now, in one transaction (the :class:`Settler` batches calls to this).
 
-        The commit does not wait for the WAL flush (``synchronous_commit=off`` for
-        this transaction only): a server crash can lose the last outcomes, whose
-        jobs then stay ``executing`` until rescued and redelivered (at least once).
+        The commit waits for the WAL flush, once per batch: an outcome the worker has
+        written survives a server crash or failover (an early-acknowledged job whose
+        outcome was lost would stay ``executing`` until its worker exits).
         """
         merged: dict[tuple[int, int], Outcome] = {}
         errors: list[Outcome] = []
@@ -234,7 +234,7 @@ class JobEngine:
             statements.append(("append_errors", {
                 "ids": [o.job_id for o in errors], "errors": [o.error for o in errors],
             }))
-        self.db.run_in_transaction(statements)  # each statement relaxes the commit itself
+        self.db.run_in_transaction(statements)
 
     @property
     def settler(self) -> "Settler":

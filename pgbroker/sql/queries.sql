@@ -208,10 +208,11 @@ SELECT * FROM claimed;
 -- a delivery that was rescued or re-claimed since cannot change the row. Each row is
 -- looked up by primary key: the state is compared as text so that the planner never
 -- reads jobs_executing_idx instead (a generic plan made while few jobs were executing
--- would scan every executing job on each call). Its commit need not wait for the WAL
--- flush (set_config(..., true) lasts for the transaction): losing an outcome in a
--- server crash only means a redelivery. A job leaving a
--- concurrency-limited queue frees a slot: that queue's consumers are woken to claim.
+-- would scan every executing job on each call). Its commit waits for the WAL flush
+-- (once per batch): an early-acknowledged job is not redelivered, so an outcome lost
+-- in a server crash or failover would leave it executing until its worker exits, and
+-- a completed one would run again. A job leaving a concurrency-limited queue frees a
+-- slot: that queue's consumers are woken to claim.
 -- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
 -- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
 -- the snooze spends no attempt, and meta.snoozed counts them).
@@ -234,7 +235,6 @@ WITH settled AS (
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(ops)s::text[], %(errors)s::jsonb[],
                 %(delays)s::float8[])
          AS s(id, attempt, op, error, delay)
-    CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
     WHERE j.id = s.id AND j.attempt = s.attempt AND j.state::text = 'executing'
     RETURNING j.queue, j.state
 ), woke AS (
@@ -246,15 +246,13 @@ SELECT (SELECT count(*) FROM woke) AS woke;
 
 -- name: append_errors
 -- Add error entries to jobs whatever their state (a retried attempt's error: the
--- retry message has already moved the row on). Its commit need not wait for the WAL
--- flush either (see settle).
+-- retry message has already moved the row on).
 UPDATE {schema}.jobs AS j SET errors = j.errors || e.entries
 FROM (
     SELECT id, jsonb_agg(error ORDER BY ord) AS entries
     FROM unnest(%(ids)s::bigint[], %(errors)s::jsonb[]) WITH ORDINALITY AS s(id, error, ord)
     GROUP BY id
 ) e
-CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS relax
 WHERE j.id = e.id;
 
 -- name: requeue
