@@ -82,8 +82,9 @@ class ResultWaiter:
         self._listener = db.listener()
         self._listener.listen([self.channel])
         self._listening = False  # expected keys are kept only while the LISTEN connection is up
-        self._released = False  # closed for idleness: the dispatcher waits for a watcher
-        self._reopened = threading.Event()
+        #: Cleared while the connection is closed for idleness (the dispatcher waits on it).
+        self._wanted = threading.Event()
+        self._wanted.set()
         self._last_busy = time.monotonic()
         self._connect()
         threading.Thread(target=self._run, name="pgbroker-results", daemon=True).start()
@@ -95,20 +96,20 @@ class ResultWaiter:
             try:
                 self._listener.fds()
             except DatabaseUnavailable:
-                with self._lock:
-                    self._released = False  # waiters read instead; the dispatcher thread tries again
-                return
+                return  # waiters read instead; the dispatcher thread tries again
             with self._lock:
-                self._listening, self._released = True, False
+                self._listening = True
 
     def _release_if_idle(self) -> None:
         """Close the LISTEN connection when nobody has waited for ``result_listener_idle`` s."""
+        if self._watchers or time.monotonic() - self._last_busy < self._idle_after:
+            return  # the common case, without the locks (checked again under them)
         with self._connecting:
             with self._lock:
                 if self._watchers or not self._listening or time.monotonic() - self._last_busy < self._idle_after:
                     return
-                self._listening, self._released = False, True
-                self._reopened.clear()
+                self._listening = False
+                self._wanted.clear()
                 self._expected.clear()  # their notifications will not be seen
                 self._notified.clear()
             self._listener.close_connection()
@@ -136,10 +137,10 @@ class ResultWaiter:
                 if self._expected.pop(key, 0) is None:
                     known.add(key)
             self._last_busy = time.monotonic()
-            released = self._released
+            released = not self._wanted.is_set()
         if released:  # listening again before the caller's first read: nothing is missed
-            self._connect()
-            self._reopened.set()
+            self._connect()  # (a second watcher meanwhile waits for this connection)
+            self._wanted.set()  # the dispatcher reads again (and reconnects if this failed)
         return event, known
 
     def unwatch(self, keys: Iterable[str], event: threading.Event) -> None:
@@ -163,13 +164,13 @@ class ResultWaiter:
     def close(self) -> None:
         """Stop listening (the process is done with this database)."""
         self._closed.set()
-        self._reopened.set()
+        self._wanted.set()
         self._listener.wake()
 
     def _run(self) -> None:
         while not self._closed.is_set():
-            if self._released:
-                self._reopened.wait()
+            if not self._wanted.is_set():
+                self._wanted.wait()
                 continue
             try:
                 if not self._listening:

@@ -263,7 +263,7 @@ def test_get_against_a_server_that_stopped_answering_times_out(make_app, transpo
         app.backend.store_result("before", 1, states.SUCCESS)
         assert app.AsyncResult("before").get(timeout=10) == 1
         waiter = app.backend.db._result_waiter
-        wait_for(lambda: waiter._released, timeout=10, what="the idle LISTEN connection closed")
+        wait_for(lambda: not waiter._wanted.is_set(), timeout=10, what="the idle LISTEN connection closed")
         proxy.hang()
         started = time.monotonic()
         thread, got = in_thread(lambda: app.AsyncResult("during").get(timeout=3))
