@@ -432,6 +432,8 @@ class Transport(virtual.Transport):
         #: Whether every channel should claim now, or which ones (see drain_events).
         self.claim_due = True
         self._due: set[Channel] = set()
+        #: Set when the worker consuming through this connection shuts down.
+        self._stopping = False
 
     def as_uri(self, uri: str, include_password=False, mask="**") -> str:
         return uri if include_password else mask_url(uri, mask)
@@ -480,6 +482,14 @@ class Transport(virtual.Transport):
         self._interrupted = True
         self.wake()
 
+    def stop_consuming(self) -> None:
+        """The worker consuming through this connection is shutting down: from now on
+        :meth:`drain_events` claims nothing and returns at once (what it claimed and did
+        not deliver goes back to the queue when the consumer is cancelled). Safe in a
+        signal handler: it sets flags and writes to a pipe."""
+        self._stopping = True
+        self.interrupt()
+
     def declare_queue_once(self, queue: str, arguments: dict) -> None:
         if queue not in self._declared:
             self.engine.declare_queue(queue, arguments)
@@ -524,6 +534,8 @@ class Transport(virtual.Transport):
         self._waiting = True
         try:
             while True:
+                if self._stopping:
+                    raise socket.timeout()
                 if self._ready:
                     self._deliver_ready()
                     return

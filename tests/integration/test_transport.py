@@ -175,6 +175,27 @@ def test_notify_wakes_a_waiting_consumer(broker_url, transport_options, sql):
             assert got == ["ping"] and time.monotonic() - started < 10
 
 
+def test_a_stopping_consumer_claims_nothing_and_waits_no_more(broker_url, transport_options, sql):
+    """What a worker's shutdown signal does to its connection: a wait in progress ends,
+    and later drains (Celery runs one more loop cycle) neither wait nor claim."""
+    opts = {**transport_options, "polling_interval": 30.0}
+    with Connection(broker_url, transport_options=opts) as conn:
+        q = Queue("stopping", Exchange("stopping"), "stopping")
+        got = []
+        with conn.Consumer(q, callbacks=[lambda b, m: (got.append(b), m.ack())]):
+            timer = threading.Timer(0.5, conn.transport.stop_consuming)
+            timer.start()
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=20)  # ended by the stop, not by its timeout
+            assert time.monotonic() - started < 10
+            publish(conn, "stopping", "late", exchange="stopping")
+            with pytest.raises(TimeoutError):
+                conn.drain_events(timeout=20)
+            assert time.monotonic() - started < 10
+        assert got == [] and [r["state"] for r in jobs(sql)] == ["available"]
+
+
 def test_hostile_names_are_stored_and_routed(connection, sql):
     names = ["q'uote", 'dq"uote', "semi;colon", "'; DROP TABLE jobs; --", "é🚀队列", "n" * 200]
     for name in names:
