@@ -24,10 +24,14 @@ with ``foreign="after_commit"``, the publishes wait for the caller's commit and 
 out through pgbroker's own pool (SQLAlchemy ``Session`` and Django only: they are
 the callers that say when they commit).
 
-Async callers: Celery publishes synchronously, so inside ``async with atomic(...)``
-publishes are collected and written with the caller's connection when the block
-exits, with or without an exception (still inside the caller's transaction, before
-its commit; to commit inside the block, ``await binding.flush()`` first).
+Async callers: inside ``async with atomic(aconn)`` on a psycopg ``AsyncConnection``
+each publish is written at once on that connection, synchronously (Celery publishes
+synchronously), so it joins whatever transaction or savepoint is open, as a sync
+caller's does. On a SQLAlchemy ``AsyncSession``/``AsyncConnection`` the publishes are
+collected and written with the caller's connection when the block exits, with or
+without an exception (still inside the caller's transaction, before its commit; to
+commit inside the block, ``await binding.flush()`` first); a savepoint rolled back in
+the block takes the publishes made inside it.
 """
 from __future__ import annotations
 
@@ -240,22 +244,49 @@ def _unwrap_async(obj: Any):
 
 
 class _AsyncPsycopg:
+    """A psycopg ``AsyncConnection``: statements run at once, synchronously, on its libpq
+    connection (Celery publishes synchronously; a publish blocks the event loop for one
+    round trip, as one on pgbroker's pool does), so a job is inside whatever transaction
+    or savepoint is open when it is published, exactly as with a sync connection."""
+
+    immediate = True
+    rolled_back: frozenset = frozenset()  # nothing is collected, nothing to drop
+
     def __init__(self, conn):
         self.raw = conn
 
     async def open(self) -> None:
         pass
 
-    async def execute(self, sql: str, params: dict) -> list[dict]:
-        import psycopg
-        from psycopg.rows import tuple_row
+    def close(self) -> None:
+        pass
 
-        async with psycopg.AsyncCursor(self.raw, row_factory=tuple_row) as cur:  # prepared once
-            await cur.execute(sql, params, prepare=True)
-            if cur.description is None:
-                return []
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row)) for row in await cur.fetchall()]
+    def execute(self, sql: str, params: dict) -> list[dict]:
+        import psycopg
+        from psycopg import AsyncClientCursor, pq
+        from psycopg.adapt import Transformer
+
+        conn, pgconn, encoding = self.raw, self.raw.pgconn, self.raw.info.encoding
+        if pgconn.transaction_status == pq.TransactionStatus.IDLE and not conn.autocommit:
+            self._run(pgconn, _begin_command(conn), encoding)  # what psycopg sends before a statement
+        query = AsyncClientCursor(conn).mogrify(sql, params).encode(encoding)  # values bound client-side
+        result = self._run(pgconn, query, encoding)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            return []
+        loader = Transformer(conn)
+        loader.set_pgresult(result)
+        names = [result.fname(i).decode(encoding) for i in range(result.nfields)]
+        return [dict(zip(names, row)) for row in loader.load_rows(0, result.ntuples, tuple)]
+
+    @staticmethod
+    def _run(pgconn, query: bytes, encoding: str):
+        import psycopg
+        from psycopg import pq
+
+        result = pgconn.exec_(query)  # libpq's blocking call, whatever mode psycopg set
+        if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+            raise psycopg.errors.error_from_result(result, encoding=encoding)
+        return result
 
     def in_transaction(self) -> bool:
         return _Psycopg.in_transaction(self)  # same attributes on the async connection
@@ -266,20 +297,101 @@ class _AsyncPsycopg:
 
         return self.raw.info.transaction_status == pq.TransactionStatus.INTRANS
 
+    def name(self) -> str:
+        return "psycopg AsyncConnection"
+
+
+def _begin_command(conn) -> bytes:
+    """The BEGIN psycopg sends when a statement starts a transaction on ``conn``."""
+    parts = ["BEGIN"]
+    if conn.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + conn.isolation_level.name.replace("_", " "))
+    if conn.read_only is not None:
+        parts.append("READ ONLY" if conn.read_only else "READ WRITE")
+    if conn.deferrable is not None:
+        parts.append("DEFERRABLE" if conn.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts).encode()
+
 
 class _AsyncSQLAlchemy:
+    """A SQLAlchemy ``AsyncSession``/``AsyncConnection``: publishes are collected and
+    written when the block exits (SQLAlchemy's async connections cannot be used from
+    Celery's synchronous publish). Each remembers the savepoints open when it was made:
+    one rolled back in the meantime takes it with it.
+
+    Savepoints are those of the session (``begin_nested()``, told by session events:
+    a session emits its SAVEPOINT lazily) or of the connection (told by its events).
+    """
+
+    immediate = False
+
     def __init__(self, obj):
         self.obj = obj
         self.conn = None
         self.raw = None
+        self.rolled_back: set = set()
+        self._savepoints: list[object] = []  # a connection's open ones, innermost last
+        self._listeners: list[tuple] = []
 
     async def open(self) -> None:
+        from sqlalchemy import event
         from sqlalchemy.ext.asyncio import AsyncSession
 
         self.conn = await self.obj.connection() if isinstance(self.obj, AsyncSession) else self.obj
         self.raw = (await self.conn.get_raw_connection()).driver_connection
+        if isinstance(self.obj, AsyncSession):
+            targets = [(self.obj.sync_session, "after_soft_rollback", self._session_rollback)]
+        else:
+            if self.conn.sync_connection.get_nested_transaction() is not None:
+                self._savepoints.append(object())  # begun before the block: ending in it counts too
+            targets = [(self.conn.sync_connection, "savepoint", self._savepoint),
+                       (self.conn.sync_connection, "release_savepoint", self._release),
+                       (self.conn.sync_connection, "rollback_savepoint", self._rollback)]
+        for target, name, fn in targets:
+            event.listen(target, name, fn)
+            self._listeners.append((target, name, fn))
+
+    def close(self) -> None:
+        from sqlalchemy import event
+
+        for target, name, fn in self._listeners:
+            event.remove(target, name, fn)
+        self._listeners.clear()
+
+    def scopes(self) -> tuple:
+        """The savepoints open now (a publish made now is gone if one rolls back)."""
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        if not isinstance(self.obj, AsyncSession):
+            return tuple(self._savepoints)
+        scopes, transaction = [], self.obj.sync_session.get_nested_transaction()
+        while transaction is not None:
+            if transaction.nested:
+                scopes.append(transaction)
+            transaction = transaction.parent
+        return tuple(scopes)
+
+    def _session_rollback(self, session, previous_transaction) -> None:
+        self.rolled_back.add(previous_transaction)
+
+    # A connection's savepoints end innermost first (its event names a savepoint only
+    # once it ends): each is a token on a stack.
+    def _savepoint(self, conn, name) -> None:
+        self._savepoints.append(object())
+
+    def _release(self, conn, name, context) -> None:
+        if self._savepoints:
+            self._savepoints.pop()
+
+    def _rollback(self, conn, name, context) -> None:
+        if self._savepoints:
+            self.rolled_back.add(self._savepoints.pop())
 
     async def execute(self, sql: str, params: dict) -> list[dict]:
+        from sqlalchemy.ext.asyncio import AsyncSession
+
+        if isinstance(self.obj, AsyncSession):
+            self.conn = await self.obj.connection()  # emits a begin_nested() not sent yet
         result = await self.conn.exec_driver_sql(sql, params)
         return [dict(r) for r in result.mappings()] if result.returns_rows else []
 
@@ -372,34 +484,43 @@ class Binding:
 
 
 class AsyncBinding(Binding):
-    """Collects the statements of an ``async with atomic(...)`` block, written at its end."""
+    """The binding of an ``async with atomic(...)`` block: publishes join the caller's
+    transaction at once (psycopg) or are collected and written when the block exits
+    (SQLAlchemy), minus those of a savepoint rolled back in the meantime."""
 
     def __init__(self, adapter):
         super().__init__(adapter)
-        self.pending: list[tuple["Database", str, dict]] = []
+        self.pending: list[tuple["Database", str, dict, tuple]] = []
         #: Set when the block exits: an asyncio task created inside it that publishes
         #: later (its context still names this binding) publishes on the pool.
         self.closed = False
 
     def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
-        if self.closed or name not in DEFERRABLE or _is_retry(name, params):
+        if self.closed:
+            return None
+        if self.adapter.immediate:
+            return super().fetchall(db, name, params)
+        if name not in DEFERRABLE or _is_retry(name, params):
             return None  # reads and other statements run on the pool, as outside the block
-        self.pending.append((db, name, params))
+        self.pending.append((db, name, params, self.adapter.scopes()))
         return Deferred()
 
     async def flush(self) -> None:
-        """Write the block's publishes so far with the caller's connection (done when the
-        block exits; call it first to commit inside the block)."""
-        if not self.pending:
+        """Write the block's collected publishes so far with the caller's connection (done
+        when the block exits; call it first to commit inside the block). Nothing to do on
+        psycopg, where every publish is written at once."""
+        pending = [p for p in self.pending if self.adapter.rolled_back.isdisjoint(p[3])]
+        self.pending.clear()
+        if not pending:
             return
         if not self.adapter.in_transaction():
             raise NotInTransaction("pgbroker.atomic() needs an open transaction on the async connection")
         try:
             raw_identity = _identities.get(self.adapter.raw)
             if raw_identity is None:
-                rows = await self.adapter.execute(self.pending[0][0].q["database_identity"], {})
+                rows = await self.adapter.execute(pending[0][0].q["database_identity"], {})
                 raw_identity = _identities[self.adapter.raw] = tuple(rows[0].values())
-            for db, name, params in self.pending:
+            for db, name, params, _ in pending:
                 if raw_identity != db.identity() and raw_identity != db.identity(refresh=True):
                     raise _foreign_error(db, raw_identity, "async connection")
                 await self.adapter.execute(db.q[name], params)
@@ -407,8 +528,6 @@ class AsyncBinding(Binding):
             raise
         except Exception as exc:
             raise TransactionFailed(f"writing to the caller's transaction failed: {exc}") from exc
-        finally:
-            self.pending.clear()
 
 
 class _Pool:
@@ -526,7 +645,13 @@ class atomic:  # noqa: N801 - used like a function: `with pgbroker.atomic(sessio
     async def __aexit__(self, exc_type, exc, tb) -> None:
         _binding.reset(self._token)
         self.binding.closed = True
-        if exc_type is None:
+        try:
+            await self._write_collected(exc_type is not None)
+        finally:
+            self.binding.adapter.close()
+
+    async def _write_collected(self, raised: bool) -> None:
+        if not raised:
             await self.binding.flush()
             return
         # The block raised: its publishes still follow the transaction they were made in,

@@ -122,6 +122,20 @@ def test_django_app(database_url, schema, sql, tmp_path):
         worker.stop()
 
 
+def test_async_orders_example(database_url, schema, sql, tmp_path):
+    env = _example_env(database_url, schema, sql, tmp_path)
+    out = run_example("orders_async.py", env).stdout
+    assert "psycopg: no gift wrap for order 1: its wrap job went with the savepoint" in out
+    assert "sqlalchemy: no gift wrap for order 3: its wrap job went with the savepoint" in out
+    assert "order 1: jobs ['charge']\norder 2: jobs ['charge', 'wrap']\norder 3: jobs ['charge']" in out
+    worker = Worker(env, app="orders_async", pool="threads", cwd=ROOT / "examples").wait_ready()
+    try:
+        wait_for(lambda: sql("SELECT count(*) AS n FROM {schema}.jobs WHERE state = 'completed'") == [{"n": 4}],
+                 30, what="the four committed jobs to run")
+    finally:
+        worker.stop()
+
+
 def test_remote_control_example(worker_env, start_worker):
     start_worker(name="w1", app="shop", pool="threads", cwd=ROOT / "examples", monitoring=True)
     out = run_example("remote_control.py", worker_env)

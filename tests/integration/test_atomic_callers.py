@@ -8,6 +8,7 @@ from celery import Celery
 from psycopg.rows import dict_row
 
 import pgbroker
+from pgbroker.unique import duplicate_of
 
 TASK = "tests.atomic.noop"
 
@@ -192,6 +193,78 @@ def test_an_async_block_that_raises_still_writes_its_jobs(app, sql, database_url
 
     kept, late = asyncio.run(run())
     assert task_ids(sql) == [kept, late]
+
+
+def test_an_async_psycopg_block_writes_each_publish_at_once(app, sql, database_url, schema):
+    """On a psycopg AsyncConnection a publish joins the transaction when it is made: the
+    caller's own queries see it, a rolled-back savepoint takes it, a commit inside the
+    block needs no flush, and a publish on an idle connection begins a transaction as
+    psycopg would (with the connection's isolation level)."""
+    import asyncio
+
+    async def run():
+        conn = await psycopg.AsyncConnection.connect(database_url)
+        count = f'SELECT count(*) FROM "{schema}".jobs'
+        try:
+            await conn.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            async with pgbroker.atomic(conn):
+                kept = app.send_task(TASK)  # the connection was idle: this begins the transaction
+                assert (await (await conn.execute("SHOW transaction_isolation")).fetchone())[0] == "serializable"
+                assert (await (await conn.execute(count)).fetchone())[0] == 1  # seen by the caller at once
+                try:
+                    async with conn.transaction():  # a savepoint
+                        app.send_task(TASK)
+                        raise ValueError("rolls the savepoint back")
+                except ValueError:
+                    pass
+                async with conn.transaction():
+                    released = app.send_task(TASK, args=["once"], unique={})
+                # written at once, so a duplicate is known at publish time, as in a sync block
+                assert duplicate_of(app.send_task(TASK, args=["once"], unique={}).id) == released.id
+                await conn.commit()  # inside the block: nothing waits for its end
+                app.send_task(TASK)  # a new transaction, rolled back below
+            await conn.rollback()
+        finally:
+            await conn.close()
+        return [kept.id, released.id]
+
+    expected = asyncio.run(run())
+    assert task_ids(sql) == expected
+
+
+@pytest.mark.parametrize("caller", ["session", "connection"])
+def test_a_savepoint_rolled_back_in_an_async_sqlalchemy_block_takes_its_publishes(caller, app, sql, database_url):
+    """SQLAlchemy's async objects: publishes are collected, and written at the block's
+    end without those of a savepoint rolled back meanwhile (released ones stay)."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    async def run():
+        engine = create_async_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            async with AsyncSession(engine) as session, engine.connect() as connection:
+                caller_obj = session if caller == "session" else connection
+                await caller_obj.begin()
+                async with pgbroker.atomic(caller_obj):
+                    kept = app.send_task(TASK)
+                    try:
+                        async with caller_obj.begin_nested():
+                            app.send_task(TASK)
+                            async with caller_obj.begin_nested():  # released into the rolled-back one
+                                app.send_task(TASK)
+                            raise ValueError("rolls the savepoint back")
+                    except ValueError:
+                        pass
+                    async with caller_obj.begin_nested():
+                        released = app.send_task(TASK)
+                await caller_obj.commit()
+        finally:
+            await engine.dispose()
+        return [kept.id, released.id]
+
+    expected = asyncio.run(run())
+    assert task_ids(sql) == expected
 
 
 def test_a_caller_on_the_unix_socket_joins_a_broker_reached_over_tcp(app, sql, database_url):
