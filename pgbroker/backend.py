@@ -331,9 +331,12 @@ class ResultBackend(KeyValueStoreBackend):
         rows = self.mget([key])
         return rows[0]
 
-    def mget(self, keys):
+    def mget(self, keys, timeout: float | None = None):
+        """The stored values of ``keys`` (None where nothing is stored); ``timeout``: the
+        longest wait for a pooled connection (default ``pool_timeout``)."""
         keys = [bytes_to_str(k) for k in keys]
-        found = {r["key"]: bytes(r["value"]) for r in self.db.fetchall("result_get_many", keys=keys)}
+        with self.db.connection(timeout) as conn:
+            found = {r["key"]: bytes(r["value"]) for r in self.db.fetchall("result_get_many", conn, keys=keys)}
         return [found.get(k) for k in keys]
 
     def _write(self, key, value, state, columns: dict | None = None, keep_success: bool = False) -> None:
@@ -564,8 +567,10 @@ class ResultBackend(KeyValueStoreBackend):
                 else:
                     read = want
                 first = False
-                if read:
-                    values.update(zip(read, self._when_reachable(lambda: self.mget(read), deadline, timeout)))
+                if read:  # a try waits for a connection no longer than the get() has left
+                    reading = lambda: self.mget(read, None if deadline is None  # noqa: E731
+                                                else max(0.05, deadline - time.monotonic()))
+                    values.update(zip(read, self._when_reachable(reading, deadline, timeout)))
                 # As Celery's Redis backend does after every wake-up: AsyncResult.get()
                 # passes a check that raises a failed parent's own error (a chord whose
                 # header failed raises that task's exception, not the body's ChordError).

@@ -152,14 +152,15 @@ class Database:
     # -- statements ----------------------------------------------------------------------------
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        """Borrow a pooled connection; driver errors leave as DatabaseUnavailable when the
-        server cannot be reached (with the URL's password masked)."""
+    def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection]:
+        """Borrow a pooled connection, waiting at most ``timeout`` seconds for one (default
+        ``pool_timeout``); driver errors leave as DatabaseUnavailable when the server cannot
+        be reached (with the URL's password masked)."""
         if not self._opened:  # lazily: creating a transport (e.g. `celery report`) connects nothing
             self.pool.open(wait=False)
             self._opened = True
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=timeout) as conn:
                 yield conn
         except psycopg.errors.QueryCanceled:
             raise  # a statement timeout or a cancel: the statement's fate, not an outage

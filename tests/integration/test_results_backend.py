@@ -141,6 +141,28 @@ def test_get_rides_out_a_short_database_outage(make_app, broker_url, database_ur
         proxy.close()
 
 
+def test_get_during_an_outage_times_out_on_time(make_app, broker_url, transport_options, database_url):
+    """Each read during an outage waits for a pooled connection only as long as the
+    get() has left, not ``pool_timeout`` (here 20 s) per try."""
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+    from tests.helpers import TcpProxy
+
+    proxy = TcpProxy.in_front_of(database_url)
+    try:
+        reader = make_app(result_backend=proxy.route(broker_url), result_polling_interval=0.2,
+                          result_backend_transport_options={**transport_options, "pool_timeout": 20})
+        with pytest.raises(CeleryTimeoutError):
+            reader.AsyncResult("t-first").get(timeout=0.5)  # the LISTEN connection is open now
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(CeleryTimeoutError):
+            reader.AsyncResult("t-late").get(timeout=2)
+        assert time.monotonic() - started < 6  # 2 s, plus at most one connect timeout
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("task_id", ["x" * 2000, "y" * 9000, "line\nbreak"])
 def test_any_task_id_can_store_and_wait_for_its_result(make_app, task_id):
     """A notification must stay under NOTIFY's 8000 bytes: a long id sends the key alone
