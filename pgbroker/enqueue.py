@@ -262,7 +262,6 @@ class _AsyncPsycopg:
         pass
 
     def execute(self, sql: str, params: dict) -> list[dict]:
-        import psycopg
         from psycopg import AsyncClientCursor, pq
         from psycopg.adapt import Transformer
 

@@ -592,7 +592,8 @@ class Transport(virtual.Transport):
         self._deliver(first[1], first[2])
         if self._no_ack(first):
             return
-        while self._ready and not self._no_ack(self._ready[0]):
+        # A solo pool runs each task in this call: a shutdown meanwhile leaves the rest.
+        while self._ready and not self._stopping and not self._no_ack(self._ready[0]):
             _, payload, queue = self._ready.popleft()
             self._deliver(payload, queue)
 

@@ -249,6 +249,23 @@ def test_warm_shutdown_gives_prefetched_jobs_back(celery_app, start_worker, sql)
     assert any(r["redelivered"] and r["state"] == "available" for r in rows.values())
 
 
+def test_warm_shutdown_of_a_solo_worker_runs_no_more_of_its_claim(celery_app, start_worker, sql):
+    """A solo worker runs each task inside the delivery of its claimed batch: after
+    SIGTERM it finishes the running task and gives the rest of the batch back."""
+    jobs = [celery_app.gated.delay(f"solo{i}") for i in range(4)]
+    worker = start_worker(pool="solo", concurrency=1)
+    wait_for(lambda: effects(sql, what="started"), 30, what="one task running")
+    wait_for(lambda: len(sql("SELECT 1 FROM {schema}.jobs WHERE state = 'executing'")) == 4, 30,
+             what="the whole batch claimed")
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "Warm shutdown" in worker.output(), 30, what="the shutdown to begin")
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    assert worker.proc.wait(60) == 0
+    states = [r["state"] for r in rows_by_task_id(sql, [j.id for j in jobs]).values()]
+    assert sorted(states) == ["available", "available", "available", "completed"], states
+    assert [e["key"] for e in effects(sql, what="started")] == ["solo0"]
+
+
 def test_sigterm_stops_an_idle_worker_without_waiting_on_listen(start_worker):
     """Celery's blocking loop sees the shutdown flag only after its current wait, then
     runs one more cycle: each could wait up to 2 s on LISTEN (at least 2 s in all). An
