@@ -110,6 +110,12 @@ class Database:
         """The database was reached (and its schema checked) by this process."""
         return self._ready
 
+    @staticmethod
+    def all() -> list["Database"]:
+        """Every Database of this process (not those inherited from a parent process)."""
+        with _registry_lock:
+            return list(_registry.values())
+
     def same_schema(self) -> list["Database"]:
         """This Database first, then the process's others on the same database and schema."""
         with _registry_lock:

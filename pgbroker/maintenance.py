@@ -187,6 +187,14 @@ def shutdown(db) -> None:
         _shutdown(same)
 
 
+def shutdown_all() -> None:
+    """Stop this process's background work on every database and close its pools."""
+    from .db import Database
+
+    for db in Database.all():
+        _shutdown(db)
+
+
 def _shutdown(db) -> None:
     from .engine import engine_for
 

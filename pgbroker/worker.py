@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -39,7 +40,7 @@ from . import telemetry
 from .db import database_for
 from .errors import InvalidSnooze
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
-from .maintenance import maintainer_for
+from .maintenance import maintainer_for, shutdown_all
 from .transport import Channel, Transport
 
 logger = logging.getLogger(__name__)
@@ -236,8 +237,30 @@ def _on_shutting_down(**kwargs):
 
 @signals.worker_process_shutdown.connect
 def _on_process_shutdown(**kwargs):
-    for engine in list(_engines.values()):
-        engine.settler.flush()
+    """A pool process exits (billiard calls this just before the process sends its last
+    message to the pool): write its outcomes, stop pgbroker's threads and close its
+    connections (engines inherited from the parent process are not touched: their
+    threads do not exist here), then make a SIGTERM end the process cleanly.
+
+    The pool SIGTERMs the process as soon as it reads that last message, which may be
+    before the process has released the lock of the queue it wrote it to (on two busy
+    cores, often). SIGTERM's default action then kills the process holding the lock:
+    the next pool process hangs on it with its job (left executing), and so does the
+    worker's shutdown. Exiting through an exception instead releases the lock on the
+    way out.
+    """
+    shutdown_all()
+    signal.signal(signal.SIGTERM, _exit_releasing_locks)
+
+
+def _exit_releasing_locks(signum, frame) -> None:
+    """SIGTERM handler of an exiting pool process: raise SystemExit, which unwinds through
+    any ``with lock:`` block (billiard exits the process when it reaches its own code),
+    unless the signal came inside a lock's ``__enter__`` (acquired, not yet guarded by
+    the ``with``): then let the write finish; the process exits a moment later anyway."""
+    if frame is not None and frame.f_code.co_name == "__enter__":
+        return
+    raise SystemExit(128 + signum)
 
 
 @signals.worker_init.connect

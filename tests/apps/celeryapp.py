@@ -69,6 +69,20 @@ def routed(key):
     effect(key, "routed")
 
 
+@app.task(time_limit=1)
+def overruns(key):
+    """Runs past its hard time limit: the pool kills its process."""
+    effect(key, "started")
+    time.sleep(30)
+
+
+@app.task(soft_time_limit=1)
+def softly_overruns(key):
+    """Runs past its soft time limit: SoftTimeLimitExceeded fails it in its process."""
+    effect(key, "started")
+    time.sleep(30)
+
+
 @app.task(acks_late=True)
 def gated(key):
     """Record the start, wait (bounded) until the test opens the gate, record the end."""
