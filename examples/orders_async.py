@@ -46,19 +46,24 @@ class OutOfPaper(Exception):
     pass
 
 
+async def wrap_in(savepoint, order_id: int, gift_wrap: bool, published: list, caller: str) -> None:
+    """Publish the wrap job inside ``savepoint``; out of paper, the job goes with it."""
+    try:
+        async with savepoint:
+            published.append(wrap.delay(order_id))
+            if gift_wrap:
+                raise OutOfPaper(order_id)
+    except OutOfPaper:
+        print(f"{caller}: no gift wrap for order {order_id}: its wrap job went with the savepoint")
+
+
 async def order_with_psycopg(item: str, gift_wrap: bool) -> tuple[int, list]:
     async with await psycopg.AsyncConnection.connect(DATABASE_URL) as conn:
         async with conn.transaction(), pgbroker.atomic(conn):
             cur = await conn.execute("INSERT INTO example_async_orders (item) VALUES (%s) RETURNING id", [item])
             order_id = (await cur.fetchone())[0]
             published = [charge.delay(order_id)]
-            try:
-                async with conn.transaction():  # a savepoint
-                    published.append(wrap.delay(order_id))
-                    if gift_wrap:
-                        raise OutOfPaper(item)
-            except OutOfPaper:
-                print(f"psycopg: no gift wrap for order {order_id}: its wrap job went with the savepoint")
+            await wrap_in(conn.transaction(), order_id, gift_wrap, published, "psycopg")  # a savepoint
         return order_id, published
 
 
@@ -71,13 +76,7 @@ async def order_with_sqlalchemy(item: str, gift_wrap: bool) -> tuple[int, list]:
                     text("INSERT INTO example_async_orders (item) VALUES (:item) RETURNING id"), {"item": item}
                 )).scalar_one()
                 published = [charge.delay(order_id)]
-                try:
-                    async with session.begin_nested():
-                        published.append(wrap.delay(order_id))
-                        if gift_wrap:
-                            raise OutOfPaper(item)
-                except OutOfPaper:
-                    print(f"sqlalchemy: no gift wrap for order {order_id}: its wrap job went with the savepoint")
+                await wrap_in(session.begin_nested(), order_id, gift_wrap, published, "sqlalchemy")
         return order_id, published
     finally:
         await engine.dispose()
