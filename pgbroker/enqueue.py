@@ -302,9 +302,11 @@ class _AsyncPsycopg:
 
 def _begin_command(conn) -> bytes:
     """The BEGIN psycopg sends when a statement starts a transaction on ``conn``."""
+    from psycopg import IsolationLevel
+
     parts = ["BEGIN"]
     if conn.isolation_level is not None:
-        parts.append("ISOLATION LEVEL " + conn.isolation_level.name.replace("_", " "))
+        parts.append("ISOLATION LEVEL " + IsolationLevel(conn.isolation_level).name.replace("_", " "))
     if conn.read_only is not None:
         parts.append("READ ONLY" if conn.read_only else "READ WRITE")
     if conn.deferrable is not None:
