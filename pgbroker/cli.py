@@ -25,11 +25,11 @@ def _connect(url: str | None, schema: str):
     import psycopg
 
     from .config import Options
-    from .db import connect_timeout
+    from .db import connection_defaults
 
     conninfo = conninfo_from_url(url or os.environ.get("PGBROKER_URL"))
     try:
-        return psycopg.connect(conninfo, autocommit=True, **connect_timeout(conninfo, Options()))
+        return psycopg.connect(conninfo, autocommit=True, **connection_defaults(conninfo, Options()))
     except psycopg.OperationalError as exc:
         raise click.ClickException(f"cannot connect to {mask_url(conninfo)}: {exc}") from None
 

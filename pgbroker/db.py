@@ -44,13 +44,25 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def connect_timeout(conninfo: str, options: Options) -> dict[str, int]:
-    """``connect_timeout`` for pgbroker's own connections (``pool_timeout`` rounded up,
-    at least libpq's 2 s) unless the URL or ``PGCONNECT_TIMEOUT`` sets one: a server
-    that accepts connections and never answers must not hold a connect forever."""
-    if "PGCONNECT_TIMEOUT" in os.environ or "connect_timeout" in conninfo_to_dict(conninfo):
-        return {}
-    return {"connect_timeout": max(2, math.ceil(options.pool_timeout))}
+#: TCP settings of pgbroker's connections, unless the URL sets them: a peer that
+#: vanished (host down, failover, network cut) is noticed in about a minute, by an idle
+#: connection (keepalives: 30 s idle, then 3 probes 10 s apart) as by one waiting for
+#: the acknowledgement of what it sent (30 s), instead of after the kernel's defaults
+#: (two hours; about 15 minutes). Ignored on Unix sockets.
+TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                "tcp_user_timeout": 30_000}
+
+
+def connection_defaults(conninfo: str, options: Options) -> dict[str, int]:
+    """libpq parameters of pgbroker's own connections where the URL leaves them out:
+    :data:`TCP_DEFAULTS`, and ``connect_timeout`` (``pool_timeout`` rounded up, at least
+    libpq's 2 s, unless ``PGCONNECT_TIMEOUT`` sets it) so that a server that accepts
+    connections and never answers does not hold a connect forever."""
+    given = conninfo_to_dict(conninfo)
+    defaults = {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+    if "PGCONNECT_TIMEOUT" not in os.environ and "connect_timeout" not in given:
+        defaults["connect_timeout"] = max(2, math.ceil(options.pool_timeout))
+    return defaults
 
 
 class Database:
@@ -68,7 +80,7 @@ class Database:
         self._ready = False
         self._ready_lock = threading.Lock()
         #: What every connection of this Database is opened with (pool and LISTEN).
-        self.connect_kwargs = {"autocommit": True, **connect_timeout(conninfo, options)}
+        self.connect_kwargs = {"autocommit": True, **connection_defaults(conninfo, options)}
         self.pool = ConnectionPool(
             conninfo,
             min_size=options.pool_min_size,

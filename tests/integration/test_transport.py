@@ -390,3 +390,27 @@ def test_a_consumer_facing_a_server_that_never_answers_gets_a_connection_error(b
         if conn is not None:
             with suppress(Exception):
                 conn.release()
+
+
+def test_connections_notice_a_vanished_server_within_a_minute(broker_url, transport_options, schema):
+    """Pool and LISTEN connections carry TCP keepalives and a TCP user timeout (a host
+    that went away is noticed in about a minute, not after the kernel's two hours or
+    quarter of an hour); a URL's own settings win."""
+    from pgbroker.config import Options, conninfo_from_url
+    from pgbroker.db import Database
+    from pgbroker.maintenance import shutdown
+
+    url = broker_url + ("&" if "?" in broker_url else "?") + "keepalives_idle=7"
+    db = Database.get(conninfo_from_url(url), Options.from_mapping({**transport_options, "pool_timeout": 4}))
+    listener = db.listener()
+    try:
+        with db.connection() as conn:
+            pooled = conn.info.get_parameters()
+        listening = listener._connection().info.get_parameters()
+        for params in (pooled, listening):
+            assert (params["keepalives"], params["keepalives_idle"], params["keepalives_interval"],
+                    params["keepalives_count"], params["tcp_user_timeout"]) == ("1", "7", "10", "3", "30000")
+            assert params["connect_timeout"] == "4"
+    finally:
+        listener.close()
+        shutdown(db)
