@@ -567,9 +567,10 @@ class ResultBackend(KeyValueStoreBackend):
                 else:
                     read = want
                 first = False
-                if read:  # a try waits for a connection no longer than the get() has left
-                    reading = lambda: self.mget(read, None if deadline is None  # noqa: E731
-                                                else max(0.05, deadline - time.monotonic()))
+                if read:
+                    def reading(read=read):  # waits for a connection no longer than the get() has left
+                        return self.mget(read, None if deadline is None else max(0.05, deadline - time.monotonic()))
+
                     values.update(zip(read, self._when_reachable(reading, deadline, timeout)))
                 # As Celery's Redis backend does after every wake-up: AsyncResult.get()
                 # passes a check that raises a failed parent's own error (a chord whose

@@ -249,17 +249,8 @@ class _AsyncPsycopg:
     round trip, as one on pgbroker's pool does), so a job is inside whatever transaction
     or savepoint is open when it is published, exactly as with a sync connection."""
 
-    immediate = True
-    rolled_back: frozenset = frozenset()  # nothing is collected, nothing to drop
-
     def __init__(self, conn):
         self.raw = conn
-
-    async def open(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def execute(self, sql: str, params: dict) -> list[dict]:
         from psycopg import AsyncClientCursor, pq
@@ -290,12 +281,6 @@ class _AsyncPsycopg:
     def in_transaction(self) -> bool:
         return _Psycopg.in_transaction(self)  # same attributes on the async connection
 
-    def transaction_open(self) -> bool:
-        """A transaction has begun and not ended (not merely: one would begin)."""
-        from psycopg import pq
-
-        return self.raw.info.transaction_status == pq.TransactionStatus.INTRANS
-
     def name(self) -> str:
         return "psycopg AsyncConnection"
 
@@ -323,8 +308,6 @@ class _AsyncSQLAlchemy:
     Savepoints are those of the session (``begin_nested()``, told by session events:
     a session emits its SAVEPOINT lazily) or of the connection (told by its events).
     """
-
-    immediate = False
 
     def __init__(self, obj):
         self.obj = obj
@@ -485,31 +468,44 @@ class Binding:
 
 
 class AsyncBinding(Binding):
-    """The binding of an ``async with atomic(...)`` block: publishes join the caller's
-    transaction at once (psycopg) or are collected and written when the block exits
-    (SQLAlchemy), minus those of a savepoint rolled back in the meantime."""
+    """The binding of an ``async with atomic(...)`` block on a psycopg ``AsyncConnection``:
+    publishes join the caller's transaction at once, as in a sync block."""
 
     def __init__(self, adapter):
         super().__init__(adapter)
-        self.pending: list[tuple["Database", str, dict, tuple]] = []
         #: Set when the block exits: an asyncio task created inside it that publishes
         #: later (its context still names this binding) publishes on the pool.
         self.closed = False
 
     def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
-        if self.closed:
-            return None
-        if self.adapter.immediate:
-            return super().fetchall(db, name, params)
-        if name not in DEFERRABLE or _is_retry(name, params):
+        return None if self.closed else super().fetchall(db, name, params)
+
+    async def flush(self) -> None:
+        """Write the publishes collected so far (none here: each was written at once)."""
+
+    async def finish(self, raised: bool) -> None:
+        """The block exited (``raised``: with an exception)."""
+        self.closed = True
+
+
+class CollectingBinding(AsyncBinding):
+    """The binding of an ``async with atomic(...)`` block on a SQLAlchemy async session or
+    connection: publishes are collected, each with the savepoints open when it was made,
+    and written when the block exits, minus those of a savepoint rolled back meanwhile."""
+
+    def __init__(self, adapter: "_AsyncSQLAlchemy"):
+        super().__init__(adapter)
+        self.pending: list[tuple["Database", str, dict, tuple]] = []
+
+    def fetchall(self, db: "Database", name: str, params: dict) -> list[dict] | None:
+        if self.closed or name not in DEFERRABLE or _is_retry(name, params):
             return None  # reads and other statements run on the pool, as outside the block
         self.pending.append((db, name, params, self.adapter.scopes()))
         return Deferred()
 
     async def flush(self) -> None:
         """Write the block's collected publishes so far with the caller's connection (done
-        when the block exits; call it first to commit inside the block). Nothing to do on
-        psycopg, where every publish is written at once."""
+        when the block exits; call it first to commit inside the block)."""
         pending = [p for p in self.pending if self.adapter.rolled_back.isdisjoint(p[3])]
         self.pending.clear()
         if not pending:
@@ -529,6 +525,31 @@ class AsyncBinding(Binding):
             raise
         except Exception as exc:
             raise TransactionFailed(f"writing to the caller's transaction failed: {exc}") from exc
+
+    async def finish(self, raised: bool) -> None:
+        await super().finish(raised)
+        try:
+            await self._write(raised)
+        finally:
+            self.adapter.close()
+
+    async def _write(self, raised: bool) -> None:
+        if not raised:
+            await self.flush()
+            return
+        # The block raised: its publishes still follow the transaction they were made in,
+        # as in a sync atomic() (a caller that handles the error and commits keeps them),
+        # unless it has already ended (a transaction begun and rolled back inside the
+        # block takes them); the caller's own error is what propagates.
+        if not self.adapter.transaction_open():
+            return
+        try:
+            await self.flush()
+        except NotInTransaction:
+            pass  # the transaction failed: its jobs go with it
+        except Exception as flush_exc:
+            logger.warning("pgbroker: the jobs published in a failed `async with atomic()` block could "
+                           "not be written to its transaction: %s", flush_exc)
 
 
 class _Pool:
@@ -638,36 +659,17 @@ class atomic:  # noqa: N801 - used like a function: `with pgbroker.atomic(sessio
             raise TypeError(f"`async with pgbroker.atomic()` needs an async connection, not {type(self.conn).__name__}")
         if self.foreign != "error":
             raise ConfigurationError("foreign='after_commit' is not available for async connections")
-        await adapter.open()
-        self.binding = AsyncBinding(adapter)
+        if isinstance(adapter, _AsyncSQLAlchemy):
+            await adapter.open()
+            self.binding = CollectingBinding(adapter)
+        else:
+            self.binding = AsyncBinding(adapter)
         self._token = _binding.set(self.binding)
         return self.binding
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         _binding.reset(self._token)
-        self.binding.closed = True
-        try:
-            await self._write_collected(exc_type is not None)
-        finally:
-            self.binding.adapter.close()
-
-    async def _write_collected(self, raised: bool) -> None:
-        if not raised:
-            await self.binding.flush()
-            return
-        # The block raised: its publishes still follow the transaction they were made in,
-        # as in a sync atomic() (a caller that handles the error and commits keeps them),
-        # unless it has already ended (a transaction begun and rolled back inside the
-        # block takes them); the caller's own error is what propagates.
-        if not self.binding.adapter.transaction_open():
-            return
-        try:
-            await self.binding.flush()
-        except NotInTransaction:
-            pass  # the transaction failed: its jobs go with it
-        except Exception as flush_exc:
-            logger.warning("pgbroker: the jobs published in a failed `async with atomic()` block could "
-                           "not be written to its transaction: %s", flush_exc)
+        await self.binding.finish(raised=exc_type is not None)
 
 
 def django_binding(options) -> Binding | None:
