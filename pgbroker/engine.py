@@ -188,10 +188,9 @@ class JobEngine:
         claimed = [(from_row(r), r["queue"]) for r in rows]
         if telemetry.enabled("job.claimed"):
             for r, (message, _) in zip(rows, claimed):
-                telemetry.emit("job.claimed", {"queue_time": r["queue_time"]}, {
-                    "job_id": r["id"], "task_id": message["headers"].get("id"),
-                    "task": message["headers"].get("task"), "queue": r["queue"], "attempt": r["attempt"],
-                    "consumer": consumer})
+                headers = message["headers"]
+                telemetry.emit("job.claimed", {"queue_time": r["queue_time"]}, telemetry.job_metadata(
+                    r["id"], headers.get("id"), headers.get("task"), r["queue"], r["attempt"], consumer=consumer))
         return claimed
 
     def take(self, queues: Sequence[str], limit: int) -> list[tuple[dict, str]]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVENTS", "Event", "subscribe", "unsubscribe", "emit", "enabled"]
+__all__ = ["EVENTS", "Event", "subscribe", "unsubscribe", "emit", "enabled", "job_metadata"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,12 @@ EVENTS: dict[str, Event] = {e.name: e for e in (
     Event("beat.fired", "A beat entry fired and its task was published (once per fire, cluster-wide).",
           ("lateness",), ("entry", "task", "task_id", "fire_at")),
 )}
+
+def job_metadata(job_id, task_id, task, queue, attempt, **extra) -> dict[str, Any]:
+    """The metadata of a ``job.*`` event about one job: the keys every such event
+    carries, in the catalogue's order, then the event's own (``extra``)."""
+    return {"job_id": job_id, "task_id": task_id, "task": task, "queue": queue, "attempt": attempt, **extra}
+
 
 Handler = Callable[[str, Mapping[str, float], Mapping[str, Any]], None]
 

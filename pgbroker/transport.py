@@ -373,9 +373,8 @@ class Channel(virtual.Channel):
         self.engine.settler.submit(Outcome(job_id, attempt, op, entry))
         if op == "discarded" and telemetry.enabled("job.discarded"):
             headers = message.headers or {}
-            telemetry.emit("job.discarded", {}, {
-                "job_id": job_id, "task_id": headers.get("id"), "task": headers.get("task"),
-                "queue": headers.get("pgbroker_queue"), "attempt": attempt, "reason": error})
+            telemetry.emit("job.discarded", {}, telemetry.job_metadata(
+                job_id, headers.get("id"), headers.get("task"), headers.get("pgbroker_queue"), attempt, reason=error))
         if self._blocked:  # prefetch room was freed for a consumer that had none
             self.connection.wake()
 

@@ -106,10 +106,9 @@ def _job_event(name: str, task, request, measurements: dict, **extra) -> None:
         return
     job = _job_of(request) or (None, None)
     getter = request.get if isinstance(request, dict) else (lambda k: getattr(request, k, None))
-    telemetry.emit(name, measurements, {
-        "job_id": job[0], "task_id": getter("id"), "task": getattr(task, "name", None) or getter("task"),
-        "queue": getter("pgbroker_queue"), "attempt": job[1],
-        "worker": getter("hostname"), **extra})
+    telemetry.emit(name, measurements, telemetry.job_metadata(
+        job[0], getter("id"), getattr(task, "name", None) or getter("task"), getter("pgbroker_queue"), job[1],
+        worker=getter("hostname"), **extra))
 
 
 def _duration(task_id) -> float | None:
