@@ -211,12 +211,10 @@ def test_an_async_psycopg_block_writes_each_publish_at_once(app, sql, database_u
                 kept = app.send_task(TASK)  # the connection was idle: this begins the transaction
                 assert (await (await conn.execute("SHOW transaction_isolation")).fetchone())[0] == "serializable"
                 assert (await (await conn.execute(count)).fetchone())[0] == 1  # seen by the caller at once
-                try:
+                with pytest.raises(ValueError):
                     async with conn.transaction():  # a savepoint
                         app.send_task(TASK)
                         raise ValueError("rolls the savepoint back")
-                except ValueError:
-                    pass
                 async with conn.transaction():
                     released = app.send_task(TASK, args=["once"], unique={})
                 # written at once, so a duplicate is known at publish time, as in a sync block
@@ -228,8 +226,7 @@ def test_an_async_psycopg_block_writes_each_publish_at_once(app, sql, database_u
             await conn.close()
         return [kept.id, released.id]
 
-    expected = asyncio.run(run())
-    assert task_ids(sql) == expected
+    assert asyncio.run(run()) == task_ids(sql)
 
 
 @pytest.mark.parametrize("caller", ["session", "connection"])
@@ -248,14 +245,12 @@ def test_a_savepoint_rolled_back_in_an_async_sqlalchemy_block_takes_its_publishe
                 await caller_obj.begin()
                 async with pgbroker.atomic(caller_obj):
                     kept = app.send_task(TASK)
-                    try:
+                    with pytest.raises(ValueError):
                         async with caller_obj.begin_nested():
                             app.send_task(TASK)
                             async with caller_obj.begin_nested():  # released into the rolled-back one
                                 app.send_task(TASK)
                             raise ValueError("rolls the savepoint back")
-                    except ValueError:
-                        pass
                     async with caller_obj.begin_nested():
                         released = app.send_task(TASK)
                 await caller_obj.commit()
@@ -263,8 +258,7 @@ def test_a_savepoint_rolled_back_in_an_async_sqlalchemy_block_takes_its_publishe
             await engine.dispose()
         return [kept.id, released.id]
 
-    expected = asyncio.run(run())
-    assert task_ids(sql) == expected
+    assert asyncio.run(run()) == task_ids(sql)
 
 
 def test_a_caller_on_the_unix_socket_joins_a_broker_reached_over_tcp(app, sql, database_url):
