@@ -37,7 +37,7 @@ from kombu.utils.json import loads as json_loads
 
 from . import enqueue as _enqueue
 from . import telemetry
-from .config import Options, conninfo_from_url, mask_url
+from .config import Options, broker_url, conninfo_from_url, mask_url
 from .db import Database
 from .engine import leader_params
 from .errors import DatabaseUnavailable, ResultTooLarge
@@ -239,11 +239,15 @@ def mark_revoked(db: Database, cancelled: Sequence[dict]) -> None:
     pool, as the cancellation was, even inside ``pgbroker.atomic()``."""
     backend = backend_for(db) if cancelled else None
     if backend is None:
-        in_groups = [row["task_id"] for row in cancelled if row.get("message")]
-        if in_groups:
-            logger.warning("pgbroker: %d cancelled task(s) in groups (%s, …) and no pgbroker result backend in "
-                           "this process to count them: a chord they belong to is not told", len(in_groups), in_groups[0])
-        return
+        in_groups = [row for row in cancelled if row.get("message")]
+        if not in_groups:
+            return
+        backend = _backend_of_chords(db, in_groups)
+        if backend is None:
+            logger.warning("pgbroker: %d cancelled task(s) in groups (%s, …) and no pgbroker result backend in this "
+                           "process to count them: a chord they belong to is not told", len(in_groups),
+                           in_groups[0]["task_id"])
+            return
     with _enqueue.unbound():
         for row in cancelled:
             try:
@@ -251,6 +255,28 @@ def mark_revoked(db: Database, cancelled: Sequence[dict]) -> None:
                 backend.mark_as_revoked(row["task_id"], "revoked", request=request)
             except Exception:  # the job stays cancelled; the others are still marked
                 logger.exception("pgbroker: cancelled task %s could not be marked REVOKED", row["task_id"])
+
+
+def _backend_of_chords(db: Database, in_groups: Sequence[dict]) -> "ResultBackend | None":
+    """A pgbroker result backend on ``db`` for a process that has none (``pgbroker jobs
+    cancel``), when a chord of these cancelled group members is counted in ``db``'s
+    schema: that chord's app keeps its results here, so its parts can be told."""
+    groups = {json_loads(row["message"])["headers"]["group"] for row in in_groups}
+    keys = [bytes_to_str(ResultBackend.chord_keyprefix) + group for group in groups]
+    if not db.fetchone("chords_counted_here", keys=keys)["found"]:
+        return None
+    return bare_app(db, results=True).backend
+
+
+def bare_app(db: Database, results: bool = False):
+    """A Celery app of no tasks on ``db``'s database and schema: its broker (to broadcast
+    remote control), and with ``results`` its result backend, pgbroker's there."""
+    from celery import Celery
+
+    url = broker_url(db.conninfo)
+    app = Celery("pgbroker", broker=url, backend=url if results else None, set_as_current=False)
+    app.conf.broker_transport_options = {"schema": db.options.schema}
+    return app
 
 
 def _chord_part_request(backend: "ResultBackend", task_id: str, message: str | None) -> Context | None:

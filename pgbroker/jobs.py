@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import telemetry
-from .config import Options, broker_url, conninfo_from_url, validate_name
+from .config import Options, conninfo_from_url, validate_name
 from .engine import _KEEP, JobEngine, engine_for
 from .errors import InvalidJobOption
 from .types import Job
@@ -120,7 +120,7 @@ def cancel(source: Any, task_ids: Sequence[str] | None = None, queue: str | None
     by = by or f"pgbroker.jobs.cancel on {socket.gethostname()}/{os.getpid()}"
     where = {"queue": queue, "task": task, "meta": meta,
              "task_ids": builtins.list(task_ids) if task_ids is not None else None}
-    from .backend import mark_revoked
+    from .backend import bare_app, mark_revoked
 
     cancelled: builtins.list[str] = []
     total = 0
@@ -136,22 +136,12 @@ def cancel(source: Any, task_ids: Sequence[str] | None = None, queue: str | None
         if hasattr(source, "control"):
             source.control.revoke(running, terminate=True)
         else:
-            with _control_app(engine) as app:
+            with bare_app(engine.db) as app:  # workers of any app listen on the default control exchange
                 app.control.revoke(running, terminate=True)
     result = Cancelled(cancelled=total, revoked=len(running), task_ids=cancelled + running)
     telemetry.emit("job.cancelled", {"cancelled": result.cancelled, "revoked": result.revoked},
                    {"queue": queue, "task": task, "by": by})
     return result
-
-
-def _control_app(engine: JobEngine):
-    """A bare Celery app on the engine's database, to broadcast revokes (workers of any
-    app listen on the default control exchange)."""
-    from celery import Celery
-
-    app = Celery("pgbroker-jobs", broker=broker_url(engine.db.conninfo), set_as_current=False)
-    app.conf.broker_transport_options = {"schema": engine.schema}
-    return app
 
 
 def parse_rate(rate: Any) -> tuple[int, float] | None:

@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+def run_pgbroker(database_url: str, schema: str, *args: str) -> subprocess.CompletedProcess:
+    """The ``pgbroker`` command (``--url``, then ``args`` and ``--schema``), run to its end."""
+    return subprocess.run([str(Path(sys.executable).parent / "pgbroker"), "--url", database_url, *args,
+                           "--schema", schema], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
     """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -579,6 +579,10 @@ ON CONFLICT (key) DO UPDATE SET size = excluded.size;
 -- name: chord_size_get
 SELECT size FROM {schema}.counters WHERE key = %(key)s;
 
+-- name: chords_counted_here
+-- Whether any of these chord counters is in this schema (its chord's backend is pgbroker here).
+SELECT EXISTS (SELECT FROM {schema}.counters WHERE key = ANY(%(keys)s)) AS found;
+
 -- name: results_prune
 -- Delete up to %(batch)s expired results, as many expired counters and as many
 -- expired chord parts (counted together with the counters). Only the

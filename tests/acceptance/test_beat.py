@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, wait_for
+from tests.helpers import run_pgbroker, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -119,8 +117,7 @@ def test_trigger_once_never_enqueues_a_row_twice(start_beat, start_worker, items
 
 
 def pgbroker_cli(database_url, schema, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "pgbroker"), "--url", database_url, "beat", *args,
-                           "--schema", schema], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return run_pgbroker(database_url, schema, "beat", *args)
 
 
 def test_the_command_line_edits_what_a_running_beat_fires(start_beat, database_url, schema, sql):

@@ -6,7 +6,7 @@ import time
 import pytest
 from celery import chain, chord, group
 
-from tests.helpers import TcpProxy, wait_for
+from tests.helpers import TcpProxy, run_pgbroker, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -208,17 +208,23 @@ def test_expired_task_is_revoked(results_app, start_worker, sql):
              10, what="job row cancelled")
 
 
-def test_revoked_chord_part_fails_the_chord(results_app, start_worker):
-    """A chord part cancelled before it runs (a revoke, or the job API) counts as returned,
-    as a worker counts a revoked task it skips: the chord fails instead of waiting forever."""
+def test_revoked_chord_part_fails_the_chord(results_app, start_worker, database_url, schema):
+    """A chord part cancelled before it runs (a revoke, the job API, or the `pgbroker`
+    command, which has no app) counts as returned, as a worker counts a revoked task it
+    skips: the chord fails instead of waiting forever."""
     from celery.exceptions import ChordError
 
     from pgbroker import jobs
 
     m = results_app
     start_worker(pool="threads")
+
+    def from_the_shell(task_id):
+        assert run_pgbroker(database_url, schema, "jobs", "cancel", task_id).returncode == 0
+
     for cancel, options in ((lambda task_id: m.app.control.revoke(task_id), {}),
                             (lambda task_id: jobs.cancel(m.app, task_ids=[task_id]), {}),
+                            (from_the_shell, {}),
                             (lambda task_id: m.app.control.revoke(task_id), {"compression": "gzip"})):
         later = m.add.s(2, 2).set(countdown=600, **options)
         result = chord([m.add.s(1, 1), later], m.tsum.s()).apply_async()
