@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 import weakref
@@ -36,11 +35,11 @@ from kombu import Connection
 from kombu.serialization import prepare_accept_content
 from kombu.transport import resolve_transport
 
-from . import telemetry
+from . import pool, telemetry
 from .db import database_for
 from .errors import InvalidSnooze
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
-from .maintenance import maintainer_for, shutdown_all
+from .maintenance import maintainer_for
 from .transport import Channel, Transport
 
 logger = logging.getLogger(__name__)
@@ -234,34 +233,6 @@ def _on_shutting_down(**kwargs):
             connection.transport.stop_consuming()
 
 
-@signals.worker_process_shutdown.connect
-def _on_process_shutdown(**kwargs):
-    """A pool process exits (billiard calls this just before the process sends its last
-    message to the pool): write its outcomes, stop pgbroker's threads and close its
-    connections (engines inherited from the parent process are not touched: their
-    threads do not exist here), then make a SIGTERM end the process cleanly.
-
-    The pool SIGTERMs the process as soon as it reads that last message, which may be
-    before the process has released the lock of the queue it wrote it to (on two busy
-    cores, often). SIGTERM's default action then kills the process holding the lock:
-    the next pool process hangs on it with its job (left executing), and so does the
-    worker's shutdown. Exiting through an exception instead releases the lock on the
-    way out.
-    """
-    shutdown_all()
-    signal.signal(signal.SIGTERM, _exit_releasing_locks)
-
-
-def _exit_releasing_locks(signum, frame) -> None:
-    """SIGTERM handler of an exiting pool process: raise SystemExit, which unwinds through
-    any ``with lock:`` block (billiard exits the process when it reaches its own code),
-    unless the signal came inside a lock's ``__enter__`` (acquired, not yet guarded by
-    the ``with``): then let the write finish; the process exits a moment later anyway."""
-    if frame is not None and frame.f_code.co_name == "__enter__":
-        return
-    raise SystemExit(128 + signum)
-
-
 @signals.worker_init.connect
 def _on_worker_init(sender=None, **kwargs):
     app = getattr(sender, "app", None)
@@ -272,6 +243,7 @@ def _on_worker_init(sender=None, **kwargs):
         # process is busy, and stop answering remote control until one is free. The
         # PoolGate (see WorkerHooks) holds such requests back instead.
         sender.pool_putlocks = False
+        pool.wait_for_tasks_without_the_lock()
 
 
 @signals.worker_ready.connect

@@ -5,9 +5,11 @@ Postgres. Each test reads the job rows to check they tell what really happened.
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -282,6 +284,24 @@ def test_hard_time_limits_leave_the_prefork_pool_working(celery_app, start_worke
     assert len(errors) == 3 and all("TimeLimitExceeded" in e for e in errors), errors
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(60) == 0
+
+
+def test_idle_pool_processes_killed_leave_the_prefork_pool_working(celery_app, start_worker, sql):
+    """Pool processes SIGKILLed while idle (the OOM killer) are replaced and the next
+    task runs; SIGTERM to the whole process group (systemd's default stop) ends the
+    worker. An idle pool process used to wait for work holding the lock of the pool's
+    task queue, so killing it left the lock held: every later task waited for ever, and
+    so did the worker's exit."""
+    m = celery_app
+    worker = start_worker(pool="prefork", concurrency=2)
+    wait_states(sql, [m.record.delay(f"before{i}").id for i in range(4)])  # both processes have waited since
+    children = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()
+    assert len(children) == 2
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    wait_states(sql, [m.record.delay("after").id], timeout=30)
+    os.killpg(worker.proc.pid, signal.SIGTERM)
+    assert worker.proc.wait(30) == 0
 
 
 def test_sigterm_stops_an_idle_worker_without_waiting_on_listen(start_worker):

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from pgbroker import worker
+from pgbroker import pool
 
 
 def test_sigterm_inside_a_lock_of_an_exiting_pool_process_releases_it():
@@ -23,7 +23,7 @@ def test_sigterm_inside_a_lock_of_an_exiting_pool_process_releases_it():
     if pid == 0:  # the pool process, as billiard's exit runs it
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # billiard resets it so before exiting
-            worker._on_process_shutdown()  # worker_process_shutdown
+            pool._on_process_shutdown()  # worker_process_shutdown
             with lock:  # writing its last message
                 os.kill(os.getpid(), signal.SIGTERM)  # the pool read it already
                 time.sleep(10)
