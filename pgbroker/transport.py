@@ -115,15 +115,16 @@ def routes_for(engine: JobEngine) -> Routes:
 
 
 def revoked_task_ids(channel: "Channel", message: dict) -> tuple[list[str], bool]:
-    """(task ids, terminate) of a remote-control ``revoke`` or ``terminate`` broadcast,
-    else ([], False)."""
-    try:  # bytes this process serialised a moment ago: any content type it used is trusted
-        payload = channel.Message(message, channel=channel).decode()
+    """(task ids, terminate) of a remote-control ``revoke`` or ``terminate`` broadcast to
+    every worker, else ([], False). A revoke for named workers (``destination``) is
+    theirs alone: other workers may still run the task, so its job is not cancelled."""
+    try:  # bytes this process serialised a moment ago (Celery's task_serializer): trusted
+        payload = channel.Message(message, channel=channel, accept=[message.get("content-type")]).decode()
     except Exception as exc:
         logger.warning("pgbroker: could not read a remote-control message: %r", exc)
         return [], False
     method = payload.get("method") if isinstance(payload, dict) else None
-    if method not in ("revoke", "terminate"):
+    if method not in ("revoke", "terminate") or payload.get("destination"):
         return [], False
     arguments = payload.get("arguments") or {}
     ids = arguments.get("task_id")

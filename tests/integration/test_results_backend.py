@@ -294,3 +294,25 @@ def test_get_against_a_server_that_stopped_answering_times_out(make_app, transpo
         assert isinstance(got[0], TimeoutError) and time.monotonic() - started < 15
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle", "yaml"])
+def test_a_revoke_is_durable_whatever_the_task_serializer(make_app, serializer, sql):
+    """Celery serialises remote control with the app's task_serializer: a revoke sent by
+    an app on pickle or yaml cancels the job and answers waiters as one on json does."""
+    app = make_app(task_serializer=serializer, accept_content=[serializer, "json"],
+                   result_accept_content=[serializer, "json"])
+    job = app.send_task("some.task", countdown=600)
+    app.control.revoke(job.id)
+    assert sql("SELECT state::text FROM {schema}.jobs WHERE task_id = %s", job.id)[0]["state"] == "cancelled"
+    assert app.AsyncResult(job.id).state == "REVOKED"
+
+
+def test_a_revoke_for_named_workers_leaves_the_job_to_the_others(make_app, sql):
+    """revoke(destination=[...]) is for those workers alone (as on any broker): the job
+    stays to be run by the others."""
+    app = make_app()
+    job = app.send_task("some.task")
+    app.control.revoke(job.id, destination=["w9@elsewhere"])
+    assert sql("SELECT state::text FROM {schema}.jobs WHERE task_id = %s", job.id)[0]["state"] == "available"
+    assert app.AsyncResult(job.id).state == "PENDING"
