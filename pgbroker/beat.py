@@ -145,7 +145,7 @@ class Schedule:
         fixed_hours = len(fields) > 1 and fields[1] != "*"
         current = t.astimezone(zone)
         while True:
-            nxt = croniter(self.spec["cron"], current).get_next(datetime)
+            nxt = croniter(self.spec["cron"], current, day_or=not self.spec.get("day_and")).get_next(datetime)
             # When clocks go back an hour, a wall time such as 01:30 happens twice. An
             # entry bound to given hours fires at its first occurrence only (as cron
             # does); entries for every hour follow real time and fire in both.
@@ -202,9 +202,11 @@ def every(interval: float | timedelta) -> Schedule:
     return Schedule({"every": seconds})
 
 
-def cron(expression: str, tz: str = "UTC") -> Schedule:
-    """Fire on a cron expression (croniter syntax, 5 fields or 6 with seconds last) in zone ``tz``."""
-    return Schedule({"cron": expression, "tz": str(tz)})
+def cron(expression: str, tz: str = "UTC", day_and: bool = False) -> Schedule:
+    """Fire on a cron expression (croniter syntax, 5 fields or 6 with seconds last) in zone
+    ``tz``. When both day fields are restricted, a day matches either of them, as in cron;
+    with ``day_and`` it must match both, as in Celery's ``crontab``."""
+    return Schedule({"cron": expression, "tz": str(tz), **({"day_and": True} if day_and else {})})
 
 
 def at(when: datetime) -> Schedule:
@@ -231,14 +233,23 @@ def schedule_from(value: Any, app=None) -> Schedule:
     if isinstance(value, datetime):
         return at(_aware(value, app.timezone if app is not None else None))
     if isinstance(value, schedules.crontab):
-        fields = (value._orig_minute, value._orig_hour, value._orig_day_of_month,
-                  value._orig_month_of_year, value._orig_day_of_week)
-        return cron(" ".join(str(f) for f in fields), _zone_name(value.tz if app is None else app.timezone))
+        fields = [_cron_field(f) for f in (value._orig_minute, value._orig_hour, value._orig_day_of_month,
+                                            value._orig_month_of_year, value._orig_day_of_week)]
+        return cron(" ".join(fields), _zone_name(value.tz if app is None else app.timezone),
+                    day_and=fields[2] != "*" and fields[4] != "*")
     if isinstance(value, schedules.solar):
         return Schedule({"solar": value.event, "lat": value.lat, "lon": value.lon})
     if isinstance(value, schedules.schedule):
         return every(value.run_every)
     raise InvalidSchedule(f"cannot store a {type(value).__name__} schedule: {value!r}")
+
+
+def _cron_field(value: Any) -> str:
+    """A field of a Celery ``crontab`` (a string, a number, or a set, list or range of
+    them) as a cron field."""
+    if isinstance(value, (str, int)):
+        return str(value)
+    return ",".join(str(v) for v in value)
 
 
 def _json(value: Any, what: str) -> Any:

@@ -69,6 +69,25 @@ def test_celery_schedules_convert_with_the_app_time_zone():
     assert schedule_from("*/5 * * * *", app).spec == {"cron": "*/5 * * * *", "tz": "UTC"}
 
 
+@pytest.mark.parametrize("entry", [
+    crontab(minute=[0, 30]), crontab(minute=0, hour={8, 20}), crontab(minute=0, hour=range(8, 18)),
+    crontab(minute=0, hour=9, day_of_month="1-7", day_of_week="mon"),  # the first Monday: both days match
+    crontab(minute=0, hour=9, day_of_week="mon-fri"), crontab(minute=15, hour=9, day_of_month=[1, 15]),
+])
+def test_celery_crontabs_fire_when_celery_would(entry):
+    """Sets, lists and ranges in crontab fields convert, and a crontab restricting both
+    days needs both to match, as Celery computes it (cron itself takes either)."""
+    app = Celery(set_as_current=False)
+    app.conf.timezone = "UTC"
+    now = utc(2026, 11, 24, 6)
+    entry.app, entry.nowfun = app, lambda: now
+    assert schedule_from(entry, app).next_after(now, now) == now + entry.remaining_estimate(now)
+
+
+def test_a_cron_string_restricting_both_days_takes_either_as_cron_does():
+    assert cron("0 9 1-7 * mon").next_after(utc(2026, 11, 24, 6), utc(2026, 1, 1)) == utc(2026, 11, 30, 9)
+
+
 def test_solar_events_are_computed_by_celery_and_the_same_for_every_beat():
     s = schedule_from(solar("sunrise", 48.85, 2.35))
     t = utc(2026, 6, 21, 0)
