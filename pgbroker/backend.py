@@ -361,8 +361,12 @@ class ResultBackend(KeyValueStoreBackend):
         """The stored values of ``keys`` (None where nothing is stored); ``timeout``: the
         longest wait for a pooled connection (default ``pool_timeout``)."""
         keys = [bytes_to_str(k) for k in keys]
-        with self.db.connection(timeout) as conn:
-            found = {r["key"]: bytes(r["value"]) for r in self.db.fetchall("result_get_many", conn, keys=keys)}
+        try:
+            with self.db.connection(timeout) as conn:
+                found = {r["key"]: bytes(r["value"]) for r in self.db.fetchall("result_get_many", conn, keys=keys)}
+        except DatabaseUnavailable as exc:
+            exc.during_read = True  # not retried by Celery's loop (see exception_safe_to_retry)
+            raise
         return [found.get(k) for k in keys]
 
     def _write(self, key, value, state, columns: dict | None = None, keep_success: bool = False) -> None:
@@ -443,8 +447,12 @@ class ResultBackend(KeyValueStoreBackend):
             self._returning.part = None
 
     def exception_safe_to_retry(self, exc):
-        """Result writes and reads are retried while the database is unreachable."""
-        return isinstance(exc, DatabaseUnavailable)
+        """Result writes are retried while the database is unreachable (a result is never
+        dropped). Reads are not: ``AsyncResult.state``/``ready()`` raise
+        :class:`DatabaseUnavailable` (after ``pool_timeout``), as other backends raise
+        their connection errors, instead of retrying for ever; ``get()`` waits through
+        an outage, bounded by its own timeout."""
+        return isinstance(exc, DatabaseUnavailable) and not getattr(exc, "during_read", False)
 
     # -- expiry ------------------------------------------------------------------------------------
 

@@ -163,6 +163,27 @@ def test_get_during_an_outage_times_out_on_time(make_app, broker_url, transport_
         proxy.close()
 
 
+def test_state_during_an_outage_raises_instead_of_retrying_for_ever(make_app, broker_url, transport_options,
+                                                                    database_url):
+    """Result writes are retried while the database is away; reads (``.state``,
+    ``.ready()``) raise after ``pool_timeout``, as with other backends."""
+    from pgbroker.errors import DatabaseUnavailable
+    from tests.helpers import TcpProxy
+
+    proxy = TcpProxy.in_front_of(database_url)
+    try:
+        reader = make_app(result_backend=proxy.route(broker_url),
+                          result_backend_transport_options={**transport_options, "pool_timeout": 1})
+        assert reader.AsyncResult("t-before").state == "PENDING"
+        proxy.cut()
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            reader.AsyncResult("t-during").state
+        assert time.monotonic() - started < 10  # a pool timeout, plus at most one connect timeout
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("task_id", ["x" * 2000, "y" * 9000, "line\nbreak"])
 def test_any_task_id_can_store_and_wait_for_its_result(make_app, task_id):
     """A notification must stay under NOTIFY's 8000 bytes: a long id sends the key alone
