@@ -65,6 +65,23 @@ def connection_defaults(conninfo: str, options: Options) -> dict[str, int]:
     return defaults
 
 
+class _Pool(ConnectionPool):
+    """psycopg's pool, remembering why its last connection attempt failed: a caller that
+    times out waiting for a connection is told that (a wrong password, a missing
+    database, the server refusing) rather than only that it waited."""
+
+    last_error: Exception | None = None
+
+    def _connect(self, timeout: float | None = None):
+        try:
+            conn = super()._connect(timeout)
+        except Exception as exc:
+            self.last_error = exc
+            raise
+        self.last_error = None
+        return conn
+
+
 class Database:
     """A pooled connection to one pgbroker schema, with its named queries.
 
@@ -81,7 +98,7 @@ class Database:
         self._ready_lock = threading.Lock()
         #: What every connection of this Database is opened with (pool and LISTEN).
         self.connect_kwargs = {"autocommit": True, **connection_defaults(conninfo, options)}
-        self.pool = ConnectionPool(
+        self.pool = _Pool(
             conninfo,
             min_size=options.pool_min_size,
             max_size=options.pool_max_size,
@@ -189,7 +206,9 @@ class Database:
                 self.pool.check()
             except Exception:  # pragma: no cover - the server may still be down
                 pass
-            raise DatabaseUnavailable(f"cannot use {self.safe_url}: {exc}") from exc
+            why = self.pool.last_error
+            why = f" (last connection attempt: {str(why).strip()})" if why is not None and why is not exc else ""
+            raise DatabaseUnavailable(f"cannot use {self.safe_url}: {exc}{why}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:

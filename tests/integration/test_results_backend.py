@@ -222,6 +222,18 @@ def test_get_from_a_database_never_reached_raises_at_once(make_app, broker_url, 
     assert len(got) == 1 and isinstance(got[0], DatabaseUnavailable)
 
 
+def test_an_unusable_database_error_says_why(make_app, broker_url, transport_options):
+    """Not only that no connection came within pool_timeout: the server's own reason."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from pgbroker.errors import DatabaseUnavailable
+
+    missing = urlunsplit(urlsplit(broker_url)._replace(path="/pgbroker_no_such_database"))
+    app = make_app(result_backend=missing, result_backend_transport_options={**transport_options, "pool_timeout": 1})
+    with pytest.raises(DatabaseUnavailable, match='database "pgbroker_no_such_database" does not exist'):
+        app.AsyncResult("t-1").state
+
+
 def test_a_chord_part_returning_twice_counts_once(make_app, sql):
     """A header part delivered again (acks_late, a worker lost after the result was
     stored) neither completes its chord early nor runs the callback a second time."""
