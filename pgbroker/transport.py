@@ -258,7 +258,9 @@ class Channel(virtual.Channel):
 
     def _new_queue(self, queue, **kwargs):
         validate_name("queue", queue)
-        self.connection.declare_queue_once(queue, kwargs.get("arguments") or {})
+        # Every time (kombu's maybe_declare already declares once per connection): a
+        # declare recreates a queue deleted elsewhere and renews its x-expires lease.
+        self.engine.declare_queue(queue, kwargs.get("arguments") or {})
 
     def prepare_queue_arguments(self, arguments, **kwargs):
         """Queue(expires=, message_ttl=, …) as AMQP arguments (x-expires, x-message-ttl)."""
@@ -274,7 +276,6 @@ class Channel(virtual.Channel):
         return self.engine.purge(queue)
 
     def _delete(self, queue, *args, **kwargs):
-        self.connection.forget_queue(queue)
         self.engine.delete_queue(queue)
         self.routes.forget()  # its bindings went with it
 
@@ -422,7 +423,6 @@ class Transport(virtual.Transport):
         self.engine = engine_for(self.database)
         self._listener: Listener | None = None
         self._owner: str | None = None
-        self._declared: set[str] = set()
         self._exchanges: set[str] = set()
         self._consumed: set[str] = set()
         self._waiting = False
@@ -489,14 +489,6 @@ class Transport(virtual.Transport):
         signal handler: it sets flags and writes to a pipe."""
         self._stopping = True
         self.interrupt()
-
-    def declare_queue_once(self, queue: str, arguments: dict) -> None:
-        if queue not in self._declared:
-            self.engine.declare_queue(queue, arguments)
-            self._declared.add(queue)
-
-    def forget_queue(self, queue: str) -> None:
-        self._declared.discard(queue)
 
     def declare_exchange_once(self, exchange: str, type: str) -> None:
         if exchange not in self._exchanges:

@@ -108,6 +108,20 @@ def test_unbind_and_exchange_delete_are_shared(connection, broker_url, transport
     assert sql("SELECT * FROM {schema}.bindings WHERE exchange = 'ux'") == []
 
 
+def test_declaring_again_recreates_a_queue_deleted_elsewhere_and_renews_its_lease(connection, broker_url,
+                                                                                   transport_options, sql):
+    """As on RabbitMQ: every declare counts, not only a connection's first."""
+    q = Queue("redeclared", Exchange("rx", type="direct"), routing_key="k", expires=60)
+    q(connection.default_channel).declare()
+    in_other_process(broker_url, transport_options, "conn.default_channel.queue_delete('redeclared')\n")
+    assert sql("SELECT 1 FROM {schema}.queues WHERE name = 'redeclared'") == []
+    q(connection.default_channel).declare()
+    first = sql("SELECT last_used_at FROM {schema}.queues WHERE name = 'redeclared'")[0]["last_used_at"]
+    sql("UPDATE {schema}.queues SET last_used_at = now() - interval '50 seconds' WHERE name = 'redeclared'")
+    q(connection.default_channel).declare()
+    assert sql("SELECT last_used_at FROM {schema}.queues WHERE name = 'redeclared'")[0]["last_used_at"] >= first
+
+
 def test_unused_queue_expires_with_its_messages_and_bindings(connection, sql):
     ex = Exchange("reply", type="direct")
     q = Queue("reply-abc", ex, routing_key="abc", expires=1.0, message_ttl=60)
