@@ -204,8 +204,8 @@ class Channel(virtual.Channel):
                 if stored is not None:
                     type, passive = stored, False
         super().exchange_declare(exchange, type, durable, auto_delete, arguments, nowait, passive)
-        if exchange:
-            self.connection.declare_exchange_once(exchange, type or "direct")
+        if exchange:  # every time, as a queue (see _new_queue): it may have been deleted elsewhere
+            self.engine.declare_exchange(exchange, type or "direct")
 
     def exchange_delete(self, exchange, if_unused=False, nowait=False):
         self.engine.delete_exchange(exchange)
@@ -423,7 +423,6 @@ class Transport(virtual.Transport):
         self.engine = engine_for(self.database)
         self._listener: Listener | None = None
         self._owner: str | None = None
-        self._exchanges: set[str] = set()
         self._consumed: set[str] = set()
         self._waiting = False
         self._interrupted = False
@@ -489,11 +488,6 @@ class Transport(virtual.Transport):
         signal handler: it sets flags and writes to a pipe."""
         self._stopping = True
         self.interrupt()
-
-    def declare_exchange_once(self, exchange: str, type: str) -> None:
-        if exchange not in self._exchanges:
-            self.engine.declare_exchange(exchange, type)
-            self._exchanges.add(exchange)
 
     def consuming(self, queue: str, on: bool) -> None:
         """Tell the process's Maintainer which queues this connection consumes (they

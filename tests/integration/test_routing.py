@@ -108,9 +108,15 @@ def test_unbind_and_exchange_delete_are_shared(connection, broker_url, transport
     assert sql("SELECT * FROM {schema}.bindings WHERE exchange = 'ux'") == []
 
 
-def test_declaring_again_recreates_a_queue_deleted_elsewhere_and_renews_its_lease(connection, broker_url,
-                                                                                   transport_options, sql):
+def test_declaring_again_recreates_what_was_deleted_elsewhere_and_renews_a_lease(connection, broker_url,
+                                                                                  transport_options, sql):
     """As on RabbitMQ: every declare counts, not only a connection's first."""
+    fan = Exchange("refan", type="fanout")
+    fan(connection.default_channel).declare()
+    in_other_process(broker_url, transport_options, "conn.default_channel.exchange_delete('refan')\n")
+    assert sql("SELECT type FROM {schema}.exchanges WHERE name = 'refan'") == []
+    fan(connection.default_channel).declare()
+    assert sql("SELECT type FROM {schema}.exchanges WHERE name = 'refan'") == [{"type": "fanout"}]
     q = Queue("redeclared", Exchange("rx", type="direct"), routing_key="k", expires=60)
     q(connection.default_channel).declare()
     in_other_process(broker_url, transport_options, "conn.default_channel.queue_delete('redeclared')\n")
