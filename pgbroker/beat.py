@@ -48,9 +48,9 @@ __all__ = ["Schedule", "every", "cron", "at", "Entry", "BeatEntries", "Scheduler
 
 logger = logging.getLogger(__name__)
 
-#: What happens to fires older than the grace when a beat gets to them.
+#: What happens to missed fires (all but the latest of a gap, or a latest one beyond the grace).
 MISSED_POLICIES = ("skip", "latest", "all")
-#: A fire this late (seconds) is still on time rather than missed (``pgbroker_beat_grace``).
+#: The latest due fire this late (seconds) is still on time rather than missed (``pgbroker_beat_grace``).
 DEFAULT_GRACE = 60.0
 #: The longest a beat sleeps before looking at the schedule again (seconds).
 DEFAULT_MAX_INTERVAL = 5.0
@@ -667,15 +667,14 @@ class Scheduler(beat.Scheduler):
         now, start = row["db_now"], row["next_fire_at"]
         if not row["enabled"] or start is None or start > now:
             return []
-        cap = row["max_missed"] + int(self.grace / sched.spec["every"]) + 1 if sched.kind == "every" else FIRE_SCAN_LIMIT
-        due = sched.fires(start, now, row["anchor_at"], limit=cap)
-        on_time = [t for t in due if (now - t).total_seconds() <= self.grace]
-        missed = [t for t in due if (now - t).total_seconds() > self.grace]
-        if row["missed"] == "all":
-            return missed[-row["max_missed"]:] + on_time
-        if row["missed"] == "latest" and not on_time:
-            return missed[-1:]
-        return on_time
+        # Only the latest due fire can be on time: the earlier ones of a gap were missed,
+        # even when the gap was shorter than the grace, and follow the entry's policy.
+        if row["missed"] != "all":
+            latest = sched.fires(start, now, row["anchor_at"], limit=1)
+            on_time = [t for t in latest if (now - t).total_seconds() <= self.grace]
+            return latest if row["missed"] == "latest" else on_time
+        due = sched.fires(start, now, row["anchor_at"], limit=row["max_missed"] + 1)
+        return due if (now - due[-1]).total_seconds() <= self.grace else due[-row["max_missed"]:]
 
     def _fire(self, conn: psycopg.Connection, row: dict, sent: list[dict]) -> int:
         sched = Schedule(row["schedule"])

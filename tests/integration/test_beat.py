@@ -107,6 +107,16 @@ def test_a_late_fire_within_the_grace_is_on_time_whatever_the_policy(scheduler, 
     assert s.run_pending() == 1
 
 
+@pytest.mark.parametrize("policy, expected", [("skip", 1), ("latest", 1), ("all", 3)])
+def test_a_gap_shorter_than_the_grace_fires_once_unless_the_entry_catches_up(scheduler, sql, policy, expected):
+    s = scheduler()
+    s.store.add("short-gap", TASK, every(10), missed=policy)
+    backdate(sql, "short-gap", 35)  # three fires due, the latest 5 s ago: all within the grace
+    assert s.run_pending() == expected
+    entry = s.store.get("short-gap")
+    assert fires(sql, "short-gap")[-1] == entry.next_fire_at - timedelta(seconds=10)  # the latest is one of them
+
+
 def test_reenabling_does_not_fire_at_once_unless_the_entry_catches_up(scheduler, sql):
     s = scheduler()
     s.store.add("plain", TASK, every(60))
