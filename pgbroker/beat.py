@@ -569,12 +569,31 @@ class Scheduler(beat.Scheduler):
     def setup_schedule(self):
         from .worker import uses_pgbroker
 
-        self.db = _beat_database(self.app)
+        self.db = database_for(self.app, self.app.conf.get("pgbroker_beat_url"))
         self.store = BeatEntries(self.db, self.app)
         self._joins = uses_pgbroker(self.app) and database_for(self.app) is self.db
         if not self._joins:
             logger.warning("pgbroker beat: the broker is not pgbroker on %s: fires are recorded once, but a "
                            "crash between recording and publishing can lose that fire", self.db.safe_url)
+        self._start()
+
+    def _start(self) -> bool:
+        """Sync the configured entries and listen for changes. A database that cannot be
+        reached yet is logged and tried again each tick, as a worker waits for its broker;
+        any other error (an invalid entry, a schema not migrated) stops the beat."""
+        try:
+            self._sync_and_listen()
+        except (psycopg.OperationalError, ConnectionError) as exc:
+            logger.error("pgbroker beat: cannot reach %s: %s; retrying in %.0fs", self.db.safe_url, exc,
+                         self.max_interval)
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+            return False
+        return True
+
+    def _sync_and_listen(self) -> None:
+        self.db.ensure_ready()
         entries = dict(self._default_entries())
         entries.update(self.app.conf.beat_schedule or {})
         triggers = list(self.app.conf.get("pgbroker_triggers") or ())
@@ -611,6 +630,8 @@ class Scheduler(beat.Scheduler):
     def tick(self, *args, **kwargs) -> float:
         """Wait until something is due (or a change is notified), fire what is due, and
         return 0: the waiting happens here, on the notification socket."""
+        if self._listener is None and not self._start():
+            return self.max_interval
         if self._wait > 0:
             try:
                 self._listener.wait(self._wait)

@@ -199,6 +199,29 @@ def test_an_entry_that_cannot_publish_records_why_and_keeps_its_fire(scheduler, 
     assert fires(sql, "hostile") == []
 
 
+def test_a_beat_started_while_the_database_is_down_waits_for_it(app, broker_url, database_url, caplog):
+    from tests.helpers import TcpProxy
+
+    proxy = TcpProxy.in_front_of(database_url)
+    proxy.cut()
+    down = Celery("beat-down", broker=proxy.route(broker_url), set_as_current=False)
+    down.conf.update(broker_transport_options={**app.conf.broker_transport_options, "pool_timeout": 1.0},
+                     beat_schedule={"minutely": {"task": TASK, "schedule": 60.0}}, result_expires=None)
+    s = None
+    try:
+        s = Scheduler(down)  # celery beat builds its scheduler here: this must not raise
+        assert s.tick() == s.max_interval  # Celery's beat loop sleeps this long, then ticks again
+        assert "cannot reach" in caplog.text
+        proxy.restore()
+        assert s.tick() == 0
+        assert s.store.get("minutely").schedule.describe() == "every 0:01:00"
+    finally:
+        if s is not None:
+            s.close()
+        down.close()
+        proxy.close()
+
+
 def test_changes_wake_the_beat(scheduler):
     s = scheduler()
     s._listener.wait(0)  # nothing pending
