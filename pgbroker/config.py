@@ -191,12 +191,33 @@ def conninfo_from_url(url: str | None) -> str:
         s not in ("pgbroker", "postgresql", "postgres", "psycopg") for s in schemes
     ):
         raise ConfigurationError(f"unsupported URL scheme {scheme!r} in {mask_url(url)!r}")
+    try:
+        cut = _unencoded_password(urlsplit(url), url)
+    except ValueError:  # libpq reports what it cannot parse
+        cut = None
+    if cut is not None:
+        raise ConfigurationError(f"the password in {mask_url(url)!r} has a '/', '?' or '#' that is not "
+                                 "percent-encoded: write %2F, %3F or %23 (or use PGPASSWORD or a .pgpass file)")
     return "postgresql://" + rest
 
 
 def broker_url(conninfo: str) -> str:
     """The ``pgbroker://`` broker URL of a ``postgresql://`` conninfo URL."""
     return "pgbroker://" + conninfo.split("://", 1)[1]
+
+
+def _unencoded_password(parts, url: str) -> tuple[str, str] | None:
+    """(user, what follows the password) when an unencoded ``/``, ``?`` or ``#`` in the
+    password ended the URL's netloc early ("user:pa" of "user:pa/ss@host/db"); the
+    password then runs to the last ``@``. A host and port followed by an ``@`` in a
+    parameter's value ("host:5432/db?application_name=a@b") is an ordinary URL."""
+    netloc = parts.netloc
+    if "@" in netloc or ":" not in netloc or "@" not in (after := url.partition(netloc)[2]):
+        return None
+    user, port = netloc.split(":", 1)
+    if port.isdigit() and "=" in after.rsplit("@", 1)[0]:
+        return None
+    return user, after.rsplit("@", 1)[1]
 
 
 def mask_url(url: str, mask: str = "**") -> str:
@@ -211,5 +232,7 @@ def mask_url(url: str, mask: str = "**") -> str:
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":" + mask
         netloc = f"{userinfo}@{host}"
+    elif (cut := _unencoded_password(parts, url)) is not None:
+        return mask_url(f"{parts.scheme}://{cut[0]}:{mask}@{cut[1]}", mask)
     query = re.sub(r"(?i)(password=)[^&]*", r"\1" + mask, parts.query)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -25,6 +25,20 @@ def test_urls_become_libpq_uris_with_parameters():
 def test_passwords_are_masked():
     assert mask_url("pgbroker://u:s3cret@h/db") == "pgbroker://u:**@h/db"
     assert "s3cret" not in mask_url("postgresql://u@h/db?password=s3cret&sslmode=require")
+    # a / ? or # left unencoded in the password ends the URL's host part early
+    assert mask_url("pgbroker://u:s3/cret@h:5432/db") == "pgbroker://u:**@h:5432/db"
+    assert mask_url("pgbroker://u:s3#cret@h/db") == "pgbroker://u:**@h/db"
+    assert mask_url("pgbroker://u:s3?cret@h/db?password=x") == "pgbroker://u:**@h/db?password=**"
+    ordinary = "pgbroker://h:5432/db?application_name=a@b"
+    assert mask_url(ordinary) == ordinary
+
+
+@pytest.mark.parametrize("url", ["pgbroker://u:s3/cret@h/db", "pgbroker://u:s3#cret@h/db", "pgbroker://u:s3?c@h/db"])
+def test_a_password_with_unencoded_url_characters_is_refused_without_showing_it(url):
+    with pytest.raises(ConfigurationError, match="not percent-encoded") as info:
+        conninfo_from_url(url)
+    assert "s3" not in str(info.value)
+    assert conninfo_from_url("pgbroker://u:s3%2Fcret@h/db") == "postgresql://u:s3%2Fcret@h/db"
 
 
 def test_options_validate_early():
