@@ -6,6 +6,7 @@ the ``celery`` program imports every ``celery.commands`` plug-in at start-up.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -13,8 +14,8 @@ import click
 
 # Importing pgbroker.worker connects its worker_init hook (see the module docstring).
 from .worker import install as install_worker
-from .config import conninfo_from_url, mask_url
-from .errors import PgBrokerError
+from .config import conninfo_from_url, mask_url, validate_schema
+from .errors import InvalidName, PgBrokerError
 
 __all__ = ["main", "celery_command", "install_worker"]
 
@@ -35,14 +36,21 @@ def _connect(url: str | None, schema: str):
 
 
 def _engine(url: str | None, schema: str):
-    from .jobs import _engine as engine_of
+    """The job engine of an existing schema: only ``migrate`` creates or upgrades one, so
+    a mistyped --schema is reported instead of created."""
+    from .config import Options
+    from .db import Database
+    from .engine import engine_for
 
-    return engine_of(url or os.environ.get("PGBROKER_URL") or "", schema)
+    db = Database.get(conninfo_from_url(url or os.environ.get("PGBROKER_URL")),
+                      Options(schema=schema, auto_migrate=False))
+    db.ensure_ready()
+    return engine_for(db)
 
 
 def _commands(get_url):
     @click.command()
-    @click.option("--schema", default="pgbroker", show_default=True, help="Postgres schema (prefix).")
+    @SCHEMA_OPTION
     @click.option("--target", type=int, default=None, help="Stop at this migration version.")
     @click.pass_context
     def migrate(ctx, schema, target):
@@ -55,7 +63,7 @@ def _commands(get_url):
         click.echo(f"schema {schema}: applied {applied or 'nothing'}; now at version {version} (latest {LATEST})")
 
     @click.command("install-sql")
-    @click.option("--schema", default="pgbroker", show_default=True)
+    @SCHEMA_OPTION
     def install_sql(schema):
         """Print the whole schema as SQL (for Alembic, Django or a DBA to apply)."""
         from .schema import install_sql as sql
@@ -65,7 +73,21 @@ def _commands(get_url):
     return [migrate, install_sql, _queues_group(get_url), _jobs_group(get_url), _status(get_url),
             _beat_group(get_url)]
 
-SCHEMA_OPTION = click.option("--schema", default="pgbroker", show_default=True, help="Postgres schema (prefix).")
+def _schema(ctx, param, value):
+    """--schema as given, else (under ``celery -A app``) the app's ``schema`` transport
+    option, else pgbroker; validated here, so no command reaches the database with a bad one."""
+    if value is None:
+        app = getattr(ctx.find_root().obj, "app", None)
+        value = (app.conf.broker_transport_options or {}).get("schema") if app is not None else None
+    try:
+        return validate_schema(value or "pgbroker")
+    except InvalidName as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+SCHEMA_OPTION = click.option("--schema", default=None, callback=_schema,
+                             help="Postgres schema (prefix); default: the -A app's schema transport option "
+                                  "under `celery`, else pgbroker.")
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 STATES = ("available", "scheduled", "executing", "retryable", "completed", "discarded", "cancelled")
 
@@ -239,7 +261,8 @@ def _jobs_group(get_url):
     @_admin(jobs, "ls")
     @state_option
     @with_filters
-    @click.option("--limit", default=50, show_default=True, help="Most jobs shown (newest first).")
+    @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+                  help="Most jobs shown (newest first).")
     @click.option("--before", type=int, default=None, help="Only job ids below this (next page).")
     def ls(ctx, states, queue, task, meta, limit, before, schema, as_json):
         """List jobs matching the filters, newest first."""
@@ -358,22 +381,18 @@ def _beat_group(get_url):
     def entry_command(name, help_text):
         """A command taking NAME that reports a missing entry or a refused change clearly."""
         def wrap(fn):
-            @beat.command(name, help=help_text)
+            @_admin(beat, name, json_output=False)
             @click.argument("entry")
-            @SCHEMA_OPTION
-            @click.pass_context
             def command(ctx, entry, schema):
                 try:
                     fn(_entries(get_url(ctx), schema), entry)
                 except KeyError as exc:
                     raise click.ClickException(exc.args[0]) from None
+            command.help = help_text
             return command
         return wrap
 
-    @beat.command("ls")
-    @SCHEMA_OPTION
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    @click.pass_context
+    @_admin(beat, "ls")
     def ls(ctx, schema, as_json):
         """Every entry with its schedule, next and last fire."""
         from datetime import datetime, timezone
@@ -401,7 +420,7 @@ def _beat_group(get_url):
                           str(e.fires), e.last_error or "")
         Console(width=None if sys.stdout.isatty() else 200).print(table)
 
-    @beat.command("add")
+    @_admin(beat, "add", json_output=False)
     @click.argument("entry")
     @click.argument("task")
     @click.option("--every", "interval", type=float, help="Interval in seconds.")
@@ -416,8 +435,6 @@ def _beat_group(get_url):
     @click.option("--max-missed", type=int, default=100, show_default=True, help="Most missed fires run with --missed all.")
     @click.option("--catch-up-on-enable", is_flag=True, help="Re-enabling counts the disabled time's fires as missed.")
     @click.option("--disabled", is_flag=True, help="Add it disabled.")
-    @SCHEMA_OPTION
-    @click.pass_context
     def add(ctx, entry, task, interval, expression, tz, when, args, kwargs, queue, missed, max_missed,
             catch_up_on_enable, disabled, schema):
         """Create (or redefine) ENTRY sending TASK on a schedule."""
@@ -430,15 +447,12 @@ def _beat_group(get_url):
             parsed_args, parsed_kwargs = json.loads(args), json.loads(kwargs)
         except ValueError as exc:
             raise click.BadParameter(f"--args/--kwargs must be JSON: {exc}") from None
-        try:
-            schedule = every(interval) if interval is not None else (
-                cron(expression, tz) if expression is not None else Schedule({"at": when}))
-            stored = _entries(get_url(ctx), schema).add(
-                entry, task, schedule, args=parsed_args, kwargs=parsed_kwargs,
-                options={"queue": queue} if queue else {}, missed=missed, max_missed=max_missed,
-                catch_up_on_enable=catch_up_on_enable, enabled=not disabled)
-        except PgBrokerError as exc:
-            raise click.ClickException(str(exc)) from None
+        schedule = every(interval) if interval is not None else (
+            cron(expression, tz) if expression is not None else Schedule({"at": when}))
+        stored = _entries(get_url(ctx), schema).add(
+            entry, task, schedule, args=parsed_args, kwargs=parsed_kwargs,
+            options={"queue": queue} if queue else {}, missed=missed, max_missed=max_missed,
+            catch_up_on_enable=catch_up_on_enable, enabled=not disabled)
         click.echo(f"{stored.name}: {stored.schedule.describe()}, next fire {stored.next_fire_at}")
 
     @entry_command("enable", "Enable ENTRY (it fires at its next time, not at once).")
@@ -467,6 +481,8 @@ def _beat_group(get_url):
 @click.pass_context
 def main(ctx, url):
     """pgbroker: Celery's broker in PostgreSQL."""
+    # The pool logs each failed connection attempt; a command's error already ends with the last one.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     ctx.obj = {"url": url}
 
 

@@ -26,6 +26,8 @@ def validate_schema(name: str) -> str:
             f"schema (prefix) {name!r} must match {_SCHEMA_RE.pattern}: lower-case letters, "
             f"digits and underscores, at most 63 bytes"
         )
+    if name.startswith("pg_"):
+        raise InvalidName(f"schema (prefix) {name!r}: Postgres reserves names starting with pg_ for itself")
     return name
 
 

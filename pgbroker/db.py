@@ -173,6 +173,11 @@ class Database:
             with self.connection() as conn:
                 version = _schema.current_version(conn, self.options.schema)
                 if version < _schema.LATEST:
+                    if not self.options.auto_migrate and version == 0:
+                        raise SchemaNotReady(
+                            f"schema {self.options.schema!r} in {self.safe_url} has no pgbroker tables: check "
+                            f"the schema name, or create them with `pgbroker migrate --schema {self.options.schema}`"
+                        )
                     if not self.options.auto_migrate:
                         raise SchemaNotReady(
                             f"schema {self.options.schema!r} in {self.safe_url} is at version {version}, "

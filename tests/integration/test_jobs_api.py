@@ -269,6 +269,37 @@ def test_cli_jobs_queues_and_status(app, database_url, schema):
     assert run(main, base + ["jobs", "show", "nope", "--schema", schema]).exit_code != 0
 
 
+def test_cli_reports_bad_input_unknown_schemas_and_a_dead_database_without_tracebacks(database_url, schema):
+    import psycopg
+
+    run = CliRunner().invoke
+    base = ["--url", database_url]
+    typo = run(main, base + ["status", "--schema", "no_such_schema"])
+    assert typo.exit_code == 1 and "has no pgbroker tables" in typo.output, typo.output
+    with psycopg.connect(database_url) as conn:  # only `migrate` creates a schema
+        assert conn.execute("SELECT to_regnamespace('no_such_schema')").fetchone()[0] is None
+    reserved = run(main, base + ["jobs", "ls", "--schema", "pg_jobs"])
+    assert reserved.exit_code == 2 and "reserves names starting with pg_" in reserved.output
+    negative = run(main, base + ["jobs", "ls", "--limit", "-5", "--schema", schema])
+    assert negative.exit_code == 2 and "--limit" in negative.output
+    for command in (["beat", "ls"], ["beat", "rm", "nightly"]):
+        dead = run(main, ["--url", "pgbroker://nobody@127.0.0.1:1/none", *command, "--schema", schema])
+        assert dead.exit_code == 1 and "DatabaseUnavailable" in dead.output, (command, dead.output)
+        assert isinstance(dead.exception, SystemExit)  # a message, not a traceback
+
+
+def test_celery_pgbroker_commands_use_the_apps_schema(app, schema):
+    from types import SimpleNamespace
+
+    from pgbroker.cli import celery_command
+
+    app.tasks["t.work"].delay(1)
+    out = CliRunner().invoke(celery_command, ["status", "--json"], obj=SimpleNamespace(app=app))  # celery -A app …
+    assert out.exit_code == 0, out.output
+    status = json.loads(out.output)
+    assert status["schema"] == schema and status["jobs"]["available"] == 1
+
+
 def test_testing_helpers_record_assert_and_drain(database_url):
     from pgbroker.testing import sandbox
 
