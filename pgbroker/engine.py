@@ -196,10 +196,15 @@ class JobEngine:
     def take(self, queues: Sequence[str], limit: int) -> list[tuple[dict, str]]:
         """Like :meth:`claim` for consumers that never acknowledge: the rows are deleted
         as they are delivered (at most once). Messages past their queue's
-        x-message-ttl are deleted without being returned."""
-        rows = self.db.fetchall("claim_no_ack", queues=list(queues), limit=limit)
-        rows.sort(key=lambda r: (-r["priority"], r["id"]))
-        return [(from_row(r), r["queue"]) for r in rows if not r["stale"]]
+        x-message-ttl are deleted without being returned; when a whole page was stale,
+        the next page is taken (a fresh message behind expired ones is not missed)."""
+        while True:
+            rows = self.db.fetchall("claim_no_ack", queues=list(queues), limit=limit)
+            fresh = [r for r in rows if not r["stale"]]
+            if fresh or not rows:
+                break
+        fresh.sort(key=lambda r: (-r["priority"], r["id"]))
+        return [(from_row(r), r["queue"]) for r in fresh]
 
     def requeue(self, job_id: int, attempt: int) -> bool:
         """Make a delivery available again (redelivered); False if it was no longer ours."""

@@ -167,6 +167,18 @@ def test_no_ack_consumer_never_gets_a_message_past_its_ttl(connection, sql, engi
     assert jobs(sql) == []
 
 
+def test_no_ack_get_skips_expired_messages_to_a_fresh_one(connection, sql):
+    queue = Queue("ttl-get", Exchange("ttl-get"), routing_key="k", message_ttl=60)
+    producer = connection.Producer()
+    for n in range(3):
+        producer.publish({"n": n}, exchange=queue.exchange, routing_key="k", declare=[queue])
+    sql("UPDATE {schema}.jobs SET inserted_at = now() - interval '1 hour'")  # these three expired an hour ago
+    producer.publish({"n": 3}, exchange=queue.exchange, routing_key="k")
+    message = queue(connection.default_channel).get(no_ack=True)
+    assert message is not None and message.payload == {"n": 3}
+    assert jobs(sql) == []
+
+
 def test_no_ack_consumers_get_one_message_per_drain_and_acking_ones_the_claim(connection, sql):
     queue = Queue("one-by-one", Exchange("obo"), routing_key="obo")
     for i in range(3):
