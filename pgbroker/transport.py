@@ -40,6 +40,10 @@ from .message import channel_name
 
 logger = logging.getLogger(__name__)
 
+#: While a claim is being delivered (each task run in the call by a solo pool), how
+#: often (seconds) to look for remote control that should overtake the rest of it.
+CONTROL_CHECK_AFTER = 0.02
+
 
 class Message(virtual.Message):
     """A delivered message that remembers why it could not be decoded."""
@@ -527,6 +531,8 @@ class Transport(virtual.Transport):
                     return
                 due = self._take_due()
                 if due:
+                    # Remote control first: a revoke must be read before the tasks it names.
+                    due.sort(key=lambda c: not c._no_ack_queues)
                     for channel in due:  # a full claim marks its channel due again
                         self._ready.extend((channel, payload, queue) for payload, queue in channel.claim_ready())
                     if self._ready:
@@ -574,14 +580,33 @@ class Transport(virtual.Transport):
         """Deliver the next claimed message; with it, the ones right behind it as long as
         they go to acknowledging consumers (a Celery worker's task queues: a whole claim in
         one call). A no-ack delivery (remote control, replies, events) is one call."""
+        # A solo pool runs each task in this call: a shutdown meanwhile leaves the rest,
+        # and remote control that arrived meanwhile (a revoke of a task further on) goes first.
+        looked = monotonic()
         first = self._ready.popleft()
         self._deliver(first[1], first[2])
         if self._no_ack(first):
             return
-        # A solo pool runs each task in this call: a shutdown meanwhile leaves the rest.
         while self._ready and not self._stopping and not self._no_ack(self._ready[0]):
+            if monotonic() - looked > CONTROL_CHECK_AFTER:
+                if self._claim_control_first():
+                    return
+                looked = monotonic()
             _, payload, queue = self._ready.popleft()
             self._deliver(payload, queue)
+
+    def _claim_control_first(self) -> bool:
+        """Claim the no-ack queues (remote control, replies) notified since the last look
+        and put what they hold ahead of the claim being delivered; True when there was any."""
+        notified = self.listener.pending()
+        if not notified:
+            return False
+        self._mark_notified(notified)
+        control = [c for c in self._due if c._no_ack_queues]
+        self._due.difference_update(control)
+        found = [(c, payload, queue) for c in control for payload, queue in c.claim_ready()]
+        self._ready.extendleft(reversed(found))
+        return bool(found)
 
     @staticmethod
     def _no_ack(item: tuple) -> bool:

@@ -157,6 +157,22 @@ def test_revoke_is_durable_and_terminate_reaches_the_running_task(start_worker, 
     assert marker.id != later.id
 
 
+def test_a_solo_worker_drops_a_task_revoked_after_it_claimed_it(start_worker, celery_app, sql):
+    """A solo worker runs tasks inside the transport's delivery loop: a revoke that
+    arrives while one runs must be read before the rest of the claim is handed over."""
+    blocker = celery_app.gated.delay("blocker")
+    queued = [celery_app.record.delay(f"queued-{i}") for i in range(2)]
+    start_worker(name="w1", pool="solo", monitoring=True)  # claims all three at once (prefetch 4)
+    wait_for(lambda: effects(sql, "started") == ["blocker"], what="the first task to start")
+    claimed = sql("SELECT state::text FROM {schema}.jobs WHERE task_id = ANY(%s)", [r.id for r in queued])
+    assert [j["state"] for j in claimed] == ["executing", "executing"]
+    celery_app.app.control.revoke(queued[1].id)  # a busy solo worker cannot reply: broadcast only
+    celery_app.record.delay("marker")  # claimed after the three, so it runs after them
+    open_gate(sql)
+    wait_for(lambda: "marker" in effects(sql), what="the tasks after the blocker to run")
+    assert effects(sql) == ["blocker", "blocker", "queued-0", "marker"]  # started, finished, …
+
+
 def test_events_dump_sees_heartbeats_and_task_events_and_its_queue_expires(start_worker, celery_app, worker_env,
                                                                            sql, tmp_path):
     start_worker(name="w1", monitoring=True)
