@@ -26,6 +26,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from time import monotonic
 from typing import Any, Iterable, Sequence
 
 import psycopg
@@ -560,6 +561,7 @@ class Scheduler(beat.Scheduler):
         self._listener = None
         self._wait = 0.0
         self._joins = False
+        self._failed: dict[str, float] = {}  # entry → monotonic time until which it is not tried
         self.who = f"{socket.gethostname()}/{os.getpid()}"
         super().__init__(app, *args, **kwargs)
         self.grace = float(app.conf.get("pgbroker_beat_grace") or DEFAULT_GRACE)
@@ -639,7 +641,7 @@ class Scheduler(beat.Scheduler):
                 logger.warning("pgbroker beat: waiting for changes failed: %s", exc)
         try:
             self.run_pending()
-            row = self.db.fetchone("beat_next_due")
+            row = self.db.fetchone("beat_next_due", skip=self._failing())
             due = row["seconds"] if row and row["seconds"] is not None else self.max_interval
             self._wait = min(max(due, 0.0), self.max_interval)
         except (psycopg.Error, ConnectionError) as exc:
@@ -658,22 +660,28 @@ class Scheduler(beat.Scheduler):
 
     def run_pending(self) -> int:
         """Fire every due entry and finish open trigger scans; returns fires recorded here."""
-        fired, handled = 0, []  # each entry at most once per call, even if it is due again at once
+        # Each entry at most once per call, even if it is due again at once; an entry that
+        # could not fire waits max_interval before this beat tries it again.
+        fired, handled = 0, self._failing()
         while True:
             sent: list[dict] = []
             with self.db.transaction() as conn:
                 row = self.db.fetchone("beat_lock_due", conn, skip=handled)
                 if row is None:
                     break
-                handled.append(row["name"])
+                name = row["name"]
+                handled.append(name)
                 try:
                     with conn.transaction():
                         fired += self._fire(conn, row, sent)
+                    self._failed.pop(name, None)
                 except Exception as exc:
                     sent.clear()
-                    logger.error("pgbroker beat: entry %s could not fire (tried again next tick): %s",
-                                 row["name"], exc, exc_info=not isinstance(exc, psycopg.Error))
-                    self.db.fetchall("beat_entry_error", conn, entry=row["name"], error=f"{type(exc).__name__}: {exc}")
+                    logger.error("pgbroker beat: entry %s could not fire (tried again in %.0fs): %s", name,
+                                 self.max_interval, exc,
+                                 exc_info=name not in self._failed and not isinstance(exc, psycopg.Error))
+                    self._failed[name] = monotonic() + self.max_interval
+                    self.db.fetchall("beat_entry_error", conn, entry=name, error=f"{type(exc).__name__}: {exc}")
             for event in sent:  # committed: each fire is reported once, cluster-wide
                 telemetry.emit("beat.fired", {"lateness": (event.pop("now") - event["fire_at"]).total_seconds()},
                                {**event, "fire_at": event["fire_at"].isoformat()})
@@ -682,6 +690,11 @@ class Scheduler(beat.Scheduler):
         while attempts < 100 and self._scan_page():
             attempts += 1
         return fired
+
+    def _failing(self) -> list[str]:
+        """Entries that could not fire less than max_interval ago (this beat leaves them be)."""
+        now = monotonic()
+        return [name for name, until in self._failed.items() if until > now]
 
     def _due_fires(self, row: dict) -> list[datetime]:
         sched = Schedule(row["schedule"])

@@ -803,10 +803,13 @@ WHERE name = %(entry)s
 RETURNING name, run_requested_at, pg_notify({schema}.notify_channel('pgbroker.beat'), name)
 
 -- name: beat_next_due
--- Seconds until the earliest fire, requested run or unfinished trigger scan (NULL: none).
-SELECT greatest(0, extract(epoch FROM min(due) - now()))::float8 AS seconds FROM (
-    SELECT min(next_fire_at) AS due FROM {schema}.beat_entries WHERE enabled
-    UNION ALL SELECT now() FROM {schema}.beat_entries WHERE run_requested_at IS NOT NULL
+-- Seconds until the earliest fire, requested run or unfinished trigger scan (NULL: none),
+-- leaving out the entries named in %(skip)s (they failed to fire a moment ago).
+SELECT extract(epoch FROM min(due) - now())::float8 AS seconds FROM (
+    SELECT min(next_fire_at) AS due FROM {schema}.beat_entries
+    WHERE enabled AND NOT (name = ANY(%(skip)s::text[]))
+    UNION ALL SELECT now() FROM {schema}.beat_entries
+    WHERE run_requested_at IS NOT NULL AND NOT (name = ANY(%(skip)s::text[]))
     UNION ALL SELECT now() FROM {schema}.beat_fires WHERE NOT done
 ) d
 

@@ -2,7 +2,9 @@
 and how many times (the processes-and-SIGKILL version is tests/acceptance/test_beat.py)."""
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -183,7 +185,8 @@ def test_a_crash_between_recording_a_fire_and_publishing_it_leaves_neither(sched
     assert fires(sql, "fragile") == [] and jobs_of(sql, "fragile") == []
     assert "the process dies here" in s.store.get("fragile").last_error
     monkeypatch.undo()
-    assert s.run_pending() == 1  # the same fire, next tick
+    assert s.run_pending() == 0  # this beat leaves it be for max_interval …
+    assert scheduler().run_pending() == 1  # … another one fires the same fire
     assert len(jobs_of(sql, "fragile")) == 1 and s.store.get("fragile").last_error is None
 
 
@@ -220,6 +223,31 @@ def test_a_beat_started_while_the_database_is_down_waits_for_it(app, broker_url,
             s.close()
         down.close()
         proxy.close()
+
+
+def test_an_entry_that_cannot_fire_is_tried_again_after_max_interval_not_at_once(scheduler, sql, caplog):
+    s = scheduler(beat_max_loop_interval=1.0)
+    s.store.add("hostile", TASK, every(60), options={"queue": "q" * 2000})
+    backdate(sql, "hostile", 60)
+    attempts = lambda: [r for r in caplog.records if "could not fire" in r.getMessage()]  # noqa: E731
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="pgbroker.beat"):
+        for _ in range(10):
+            s.tick()
+            if len(attempts()) == 3:
+                break
+    assert len(attempts()) == 3 and time.monotonic() - started >= 2.0  # two waits of max_interval: no busy loop
+    assert attempts()[0].exc_info and not attempts()[1].exc_info  # one traceback
+
+
+def test_a_beat_with_nothing_to_fire_waits_max_interval(scheduler, sql):
+    s = scheduler(beat_max_loop_interval=0.5)
+    s.store.add("off", TASK, every(1), enabled=False)
+    s.tick()  # takes the notification of the add
+    started = time.monotonic()
+    s.tick()
+    s.tick()
+    assert time.monotonic() - started >= 0.5  # no busy loop while nothing is enabled
 
 
 def test_changes_wake_the_beat(scheduler):
