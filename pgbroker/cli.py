@@ -53,6 +53,7 @@ def _commands(get_url):
     @SCHEMA_OPTION
     @click.option("--target", type=int, default=None, help="Stop at this migration version.")
     @click.pass_context
+    @_failing_cleanly
     def migrate(ctx, schema, target):
         """Apply pgbroker's schema migrations (idempotent, safe to run concurrently)."""
         from .schema import LATEST, current_version, migrate as run
@@ -502,11 +503,3 @@ def celery_command():
 
 for _cmd in _commands(_celery_url):
     celery_command.add_command(_cmd)
-
-
-def run() -> None:  # pragma: no cover - console entry point helper
-    try:
-        main()
-    except PgBrokerError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)

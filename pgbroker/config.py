@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from .errors import ConfigurationError, InvalidName
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -193,14 +196,27 @@ def conninfo_from_url(url: str | None) -> str:
         s not in ("pgbroker", "postgresql", "postgres", "psycopg") for s in schemes
     ):
         raise ConfigurationError(f"unsupported URL scheme {scheme!r} in {mask_url(url)!r}")
+    _check_userinfo(url)
+    conninfo = "postgresql://" + rest
     try:
-        cut = _unencoded_password(urlsplit(url), url)
+        conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"cannot parse {mask_url(url)!r}: {exc}") from None
+    return conninfo
+
+
+def _check_userinfo(url: str) -> None:
+    """Refuse a user or password that libpq would read differently from what was meant
+    (its error would then show part of the password)."""
+    try:
+        parts = urlsplit(url)
     except ValueError:  # libpq reports what it cannot parse
-        cut = None
-    if cut is not None:
-        raise ConfigurationError(f"the password in {mask_url(url)!r} has a '/', '?' or '#' that is not "
-                                 "percent-encoded: write %2F, %3F or %23 (or use PGPASSWORD or a .pgpass file)")
-    return "postgresql://" + rest
+        return
+    userinfo = parts.netloc.rpartition("@")[0]
+    if _unencoded_password(parts, url) is not None or userinfo.count("@") or re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
+        raise ConfigurationError(
+            f"the user or password in {mask_url(url)!r} has a character that must be percent-encoded: "
+            "write / as %2F, ? as %3F, # as %23, @ as %40 and % as %25 (or use PGPASSWORD or a .pgpass file)")
 
 
 def broker_url(conninfo: str) -> str:

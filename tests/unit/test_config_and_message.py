@@ -33,12 +33,18 @@ def test_passwords_are_masked():
     assert mask_url(ordinary) == ordinary
 
 
-@pytest.mark.parametrize("url", ["pgbroker://u:s3/cret@h/db", "pgbroker://u:s3#cret@h/db", "pgbroker://u:s3?c@h/db"])
+@pytest.mark.parametrize("url", ["pgbroker://u:s3/cret@h/db", "pgbroker://u:s3#cret@h/db", "pgbroker://u:s3?c@h/db",
+                                 "pgbroker://u:s3@cret@h/db", "pgbroker://u:s3%zzcret@h/db", "pgbroker://u:s3cret%@h/db"])
 def test_a_password_with_unencoded_url_characters_is_refused_without_showing_it(url):
-    with pytest.raises(ConfigurationError, match="not percent-encoded") as info:
+    with pytest.raises(ConfigurationError, match="must be percent-encoded") as info:
         conninfo_from_url(url)
-    assert "s3" not in str(info.value)
+    assert "s3" not in str(info.value) and "cret" not in str(info.value)
     assert conninfo_from_url("pgbroker://u:s3%2Fcret@h/db") == "postgresql://u:s3%2Fcret@h/db"
+
+
+def test_a_url_libpq_cannot_parse_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="cannot parse .*invalid percent-encoded token"):
+        conninfo_from_url("pgbroker://u:pw@h/d%zzb")
 
 
 def test_options_validate_early():
