@@ -48,7 +48,7 @@ def _engine(url: str | None, schema: str):
     return engine_for(db)
 
 
-def _commands(get_url):
+def _commands(get_url, get_beat_url=None):
     @click.command()
     @SCHEMA_OPTION
     @click.option("--target", type=int, default=None, help="Stop at this migration version.")
@@ -72,7 +72,7 @@ def _commands(get_url):
         click.echo(sql(schema))
 
     return [migrate, install_sql, _queues_group(get_url), _jobs_group(get_url), _status(get_url),
-            _beat_group(get_url)]
+            _beat_group(get_beat_url or get_url)]
 
 def _schema(ctx, param, value):
     """--schema as given, else (under ``celery -A app``) the app's ``schema`` transport
@@ -496,10 +496,15 @@ def _celery_url(ctx):
     return app.connection_for_write().hostname if app is not None else None
 
 
+def _celery_beat_url(ctx):
+    app = getattr(ctx.find_root().obj, "app", None)
+    return (app is not None and app.conf.get("pgbroker_beat_url")) or _celery_url(ctx)
+
+
 @click.group("pgbroker")
 def celery_command():
-    """pgbroker commands, using the -A app's broker URL."""
+    """pgbroker commands, using the -A app's broker URL (beat: its pgbroker_beat_url)."""
 
 
-for _cmd in _commands(_celery_url):
+for _cmd in _commands(_celery_url, _celery_beat_url):
     celery_command.add_command(_cmd)

@@ -300,6 +300,20 @@ def test_celery_pgbroker_commands_use_the_apps_schema(app, schema):
     assert status["schema"] == schema and status["jobs"]["available"] == 1
 
 
+def test_celery_pgbroker_beat_commands_use_the_apps_beat_url(broker_url, transport_options, db):
+    from types import SimpleNamespace
+
+    from pgbroker.beat import BeatEntries
+    from pgbroker.cli import celery_command
+
+    app = Celery("beat-url", broker="pgbroker://nobody@127.0.0.1:1/none", set_as_current=False)  # never reached
+    app.conf.update(broker_transport_options=transport_options, pgbroker_beat_url=broker_url)
+    out = CliRunner().invoke(celery_command, ["beat", "add", "via-cli", "t.work", "--every", "30"],
+                             obj=SimpleNamespace(app=app))
+    assert out.exit_code == 0, out.output
+    assert [e.name for e in BeatEntries(db).list()] == ["via-cli"]
+
+
 def test_testing_helpers_record_assert_and_drain(database_url):
     from pgbroker.testing import sandbox
 
