@@ -27,12 +27,12 @@ import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from time import monotonic
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import psycopg
 from celery import Task, beat, schedules
 from celery.exceptions import Retry
-from croniter import croniter
+from croniter import CroniterError, croniter
 from kombu.serialization import dumps as serialize
 from kombu.utils.uuid import uuid
 
@@ -55,6 +55,8 @@ MISSED_POLICIES = ("skip", "latest", "all")
 DEFAULT_GRACE = 60.0
 #: The longest a beat sleeps before looking at the schedule again (seconds).
 DEFAULT_MAX_INTERVAL = 5.0
+#: The longest interval of an ``every`` schedule (seconds): 100 years.
+MAX_EVERY = 100 * 365.25 * 86400
 #: Most fires one entry catches up in one go, whatever its policy.
 FIRE_SCAN_LIMIT = 100_000
 BEAT_CHANNEL = "pgbroker.beat"
@@ -89,11 +91,18 @@ class Schedule:
             seconds = self.spec["every"]
             if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
                 raise InvalidSchedule(f"an interval must be a positive number of seconds, got {seconds!r}")
+            if seconds > MAX_EVERY:
+                raise InvalidSchedule(f"an interval must be at most {MAX_EVERY:.0f} seconds (100 years), "
+                                      f"got {seconds!r}")
         elif kind == "cron":
             expression, zone = self.spec["cron"], self.spec.get("tz", "UTC")
             if not isinstance(expression, str) or not croniter.is_valid(expression):
                 raise InvalidSchedule(f"invalid cron expression {expression!r}")
             _zone(zone)
+            try:
+                self._next_cron(datetime.now(timezone.utc))
+            except CroniterError:  # e.g. 30 February
+                raise InvalidSchedule(f"cron expression {expression!r} never fires") from None
         elif kind == "solar":
             self._solar()
         else:
@@ -447,8 +456,13 @@ class BeatEntries:
             raise InvalidSchedule(f"entry {name!r}: task must be a task name, got {task!r}")
         if missed not in MISSED_POLICIES:
             raise InvalidSchedule(f"entry {name!r}: missed must be one of {MISSED_POLICIES}, got {missed!r}")
-        if int(max_missed) < 1:
-            raise InvalidSchedule(f"entry {name!r}: max_missed must be >= 1")
+        if not isinstance(max_missed, int) or isinstance(max_missed, bool) or max_missed < 1:
+            raise InvalidSchedule(f"entry {name!r}: max_missed must be an integer >= 1, got {max_missed!r}")
+        for what, value, kind in (("args", args, (list, tuple)), ("kwargs", kwargs, Mapping),
+                                  ("options", options, Mapping)):
+            if value is not None and not isinstance(value, kind):
+                raise InvalidSchedule(f"entry {name!r}: {what} must be a {'list' if what == 'args' else 'mapping'}, "
+                                      f"got {type(value).__name__} {value!r}")
         sched = schedule_from(schedule, self.app)
         spec = None
         if trigger is not None:

@@ -143,14 +143,17 @@ def _meta_option(values) -> dict | None:
 
 
 def _failing_cleanly(fn):
-    """Report pgbroker's typed errors (bad state, bad rate…) as CLI errors, not tracebacks."""
+    """Report pgbroker's typed errors (bad state, bad rate…) and the database's as CLI
+    errors, not tracebacks."""
     import functools
+
+    import psycopg
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except PgBrokerError as exc:
+        except (PgBrokerError, psycopg.Error) as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
     return run
@@ -262,9 +265,10 @@ def _jobs_group(get_url):
     @_admin(jobs, "ls")
     @state_option
     @with_filters
-    @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+    @click.option("--limit", type=click.IntRange(1, 1_000_000), default=50, show_default=True,
                   help="Most jobs shown (newest first).")
-    @click.option("--before", type=int, default=None, help="Only job ids below this (next page).")
+    @click.option("--before", type=click.IntRange(1, 2**63 - 1), default=None,
+                  help="Only job ids below this (next page).")
     def ls(ctx, states, queue, task, meta, limit, before, schema, as_json):
         """List jobs matching the filters, newest first."""
         api, engine = _api(get_url, ctx, schema)

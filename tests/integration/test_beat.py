@@ -266,6 +266,12 @@ def test_changes_wake_the_beat(scheduler):
     (lambda st: st.add("x", TASK, every(5), args=[object()]), "JSON-serialisable"),
     (lambda st: st.add("x", TASK, every(5), kwargs={"a": "nul\x00"}), "NUL"),
     (lambda st: st.add("", TASK, every(5)), "entry name"),
+    (lambda st: st.add("x", TASK, every(1e12)), "at most"),
+    (lambda st: st.add("x", TASK, cron("0 0 30 2 *")), "never fires"),
+    (lambda st: st.add("x", TASK, every(5), args={"a": 1}), "args must be a list"),
+    (lambda st: st.add("x", TASK, every(5), args="abc"), "args must be a list"),
+    (lambda st: st.add("x", TASK, every(5), kwargs=[["a", 1]]), "kwargs must be a mapping"),
+    (lambda st: st.add("x", TASK, every(5), max_missed="5"), "max_missed must be an integer"),
 ])
 def test_bad_entries_are_refused_when_added(app, bad, message):
     store = BeatEntries.of(app)

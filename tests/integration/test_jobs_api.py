@@ -280,8 +280,9 @@ def test_cli_reports_bad_input_unknown_schemas_and_a_dead_database_without_trace
         assert conn.execute("SELECT to_regnamespace('no_such_schema')").fetchone()[0] is None
     reserved = run(main, base + ["jobs", "ls", "--schema", "pg_jobs"])
     assert reserved.exit_code == 2 and "reserves names starting with pg_" in reserved.output
-    negative = run(main, base + ["jobs", "ls", "--limit", "-5", "--schema", schema])
-    assert negative.exit_code == 2 and "--limit" in negative.output
+    for option, value in (("--limit", "-5"), ("--limit", "9" * 20), ("--before", "9" * 20)):
+        out_of_range = run(main, base + ["jobs", "ls", option, value, "--schema", schema])
+        assert out_of_range.exit_code == 2 and option in out_of_range.output
     for command in (["beat", "ls"], ["beat", "rm", "nightly"]):
         dead = run(main, ["--url", "pgbroker://nobody@127.0.0.1:1/none", *command, "--schema", schema])
         assert dead.exit_code == 1 and "DatabaseUnavailable" in dead.output, (command, dead.output)
