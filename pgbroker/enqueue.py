@@ -216,10 +216,17 @@ def _unwrap(obj: Any):
     package = _package(obj)
     if package == "sqlalchemy":
         from sqlalchemy.engine import Connection
-        from sqlalchemy.orm import Session
+        from sqlalchemy.orm import Session, scoped_session
 
+        if isinstance(obj, scoped_session):  # Flask-SQLAlchemy's db.session: this thread's session
+            obj = obj()
         if isinstance(obj, Session):
-            return _SQLAlchemy(obj.connection(), session=obj)
+            from sqlalchemy.exc import InvalidRequestError
+
+            try:
+                return _SQLAlchemy(obj.connection(), session=obj)
+            except InvalidRequestError as exc:  # Session(autobegin=False) outside session.begin()
+                raise NotInTransaction(f"pgbroker.atomic() needs the session's transaction: {exc}") from None
         if isinstance(obj, Connection):
             return _SQLAlchemy(obj)
     if package == "django":

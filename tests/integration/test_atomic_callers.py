@@ -77,6 +77,28 @@ def test_a_rolled_back_session_savepoint_takes_its_jobs_with_it(app, sql, databa
     assert task_ids(sql) == [kept.id, after.id]
 
 
+def test_a_scoped_session_binds_to_this_threads_session(app, sql, database_url):
+    from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+    engine = sqlalchemy_engine(database_url)
+    db_session = scoped_session(sessionmaker(engine))  # Flask-SQLAlchemy's db.session
+    try:
+        with pgbroker.atomic(db_session):
+            dropped = app.send_task(TASK)
+        db_session.rollback()
+        with pgbroker.atomic(db_session):
+            kept = app.send_task(TASK)
+        assert task_ids(sql) == []  # not committed yet
+        db_session.commit()
+        with Session(engine, autobegin=False) as idle, pytest.raises(pgbroker.NotInTransaction):
+            with pgbroker.atomic(idle):
+                app.send_task(TASK)
+    finally:
+        db_session.remove()
+        engine.dispose()
+    assert task_ids(sql) == [kept.id] and dropped.id != kept.id
+
+
 def test_a_revoke_inside_a_rolled_back_transaction_still_answers_waiters(app, sql, database_url):
     """The revoke cancels the job for good on pgbroker's pool; its REVOKED result is
     written there too, so whoever waits for the task gets an answer."""
