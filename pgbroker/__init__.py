@@ -36,6 +36,7 @@ __all__ = [
     "InvalidJobOption",
     "InvalidState",
     "InvalidUnique",
+    "UniqueKeyBusy",
     "InvalidSnooze",
     "InvalidSchedule",
 ]
@@ -65,6 +66,7 @@ _LAZY = {
     "InvalidJobOption": "pgbroker.errors",
     "InvalidState": "pgbroker.errors",
     "InvalidUnique": "pgbroker.errors",
+    "UniqueKeyBusy": "pgbroker.errors",
     "InvalidSnooze": "pgbroker.errors",
     "InvalidSchedule": "pgbroker.errors",
 }
@@ -80,7 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidJobOption,
                          InvalidMessage, InvalidName, InvalidSchedule, InvalidSnooze, InvalidState, InvalidUnique,
                          MessageTooLarge, NotInTransaction, PgBrokerError, SchemaNotReady, TransactionError,
-                         TransactionFailed)
+                         TransactionFailed, UniqueKeyBusy)
     from .task import Task
     from .schema import install_sql, migrate
     from .types import Job, JobState

@@ -202,8 +202,8 @@ class Database:
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 yield conn
-        except psycopg.errors.QueryCanceled:
-            raise  # a statement timeout or a cancel: the statement's fate, not an outage
+        except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
+            raise  # a statement or lock timeout, or a cancel: the statement's fate, not an outage
         except psycopg.OperationalError as exc:
             # After a server restart every idle pooled connection is dead: replace them
             # now so that the caller's retry (kombu's, Celery's) gets a working one.
@@ -227,7 +227,7 @@ class Database:
         writes of a publish run in the caller's transaction instead of on the pool.
         """
         if conn is None:
-            binding = _enqueue.current() or _enqueue.django_binding(self.options)
+            binding = _enqueue.binding_for(self.options)
             if binding is not None:
                 rows = binding.fetchall(self, name, params)
                 if rows is not None:

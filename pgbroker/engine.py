@@ -25,7 +25,7 @@ import psycopg
 
 from .db import Database
 from . import enqueue as _enqueue
-from .errors import DatabaseUnavailable, InvalidState
+from .errors import DatabaseUnavailable, InvalidState, UniqueKeyBusy
 from . import telemetry
 from . import unique as _unique
 from .message import Row, from_row, to_row
@@ -136,7 +136,10 @@ class JobEngine:
         this call) in ``rows`` order; the id is None when the write was deferred."""
         keys = list(dict.fromkeys(r.unique_key for r in rows))
         self.db.fetchall("unique_release", keys=keys)  # on the pool, committed at once (see the query)
-        inserted = self.db.fetchall("enqueue_unique", conn, **_arrays(rows))
+        if conn is None and _enqueue.binding_for(self.db.options) is None:
+            inserted = self._insert_unique_waiting(rows, keys)
+        else:
+            inserted = self.db.fetchall("enqueue_unique", conn, **_arrays(rows))
         if isinstance(inserted, _enqueue.Deferred):  # written at the caller's commit: nothing known yet
             return [(None, True) for _ in rows]
         stored = {r["task_id"]: r["id"] for r in inserted}
@@ -150,6 +153,20 @@ class JobEngine:
                     _unique.record_duplicate(r.task_id, holder["task_id"])
                     stored[r.task_id] = holder["id"]
         return [(stored.get(r.task_id), r.task_id not in held_ids) for r in rows]
+
+    def _insert_unique_waiting(self, rows: list[Row], keys: list[str]) -> list[dict]:
+        """The unique insert on the pool. A key just published in a transaction that is
+        still open makes it wait for that commit or rollback; at most ``pool_timeout``
+        (from the same thread, that transaction could never end)."""
+        try:
+            with self.db.transaction() as own:
+                own.execute("SELECT set_config('lock_timeout', %s, true)",
+                            (f"{int(self.db.options.pool_timeout * 1000)}ms",))
+                return self.db.fetchall("enqueue_unique", own, **_arrays(rows))
+        except psycopg.errors.LockNotAvailable:
+            raise UniqueKeyBusy(
+                f"unique key(s) {keys} held by a job published in a transaction that has not committed or rolled "
+                f"back within {self.db.options.pool_timeout:g}s (pool_timeout)") from None
 
     def enqueue_copies(self, queues: Sequence[str], message: dict) -> list[int]:
         """Store a copy of one message for each of ``queues`` (a routed publish that

@@ -679,6 +679,12 @@ class atomic:  # noqa: N801 - used like a function: `with pgbroker.atomic(sessio
         await self.binding.finish(raised=exc_type is not None)
 
 
+def binding_for(options) -> Binding | None:
+    """Where a publish's writes go: the ``pgbroker.atomic()`` block in effect, else the
+    Django ``atomic()`` block the options join, else None (pgbroker's own pool)."""
+    return current() or django_binding(options)
+
+
 def django_binding(options) -> Binding | None:
     """The binding Django's open ``atomic()`` block implies, when the option asks for it."""
     if not options.join_django_atomic or "django.db" not in sys.modules:

@@ -102,6 +102,11 @@ class TransactionFailed(TransactionError):
     """
 
 
+class UniqueKeyBusy(PgBrokerError):
+    """A unique publish waited ``pool_timeout`` for a transaction that holds its key
+    uncommitted (the same key published inside a transaction still open)."""
+
+
 class DatabaseUnavailable(PgBrokerError, ConnectionError):
     """The database could not be reached (wraps the driver's error, password masked)."""
 

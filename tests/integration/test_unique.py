@@ -88,6 +88,22 @@ def test_a_unique_publish_rolled_back_with_the_callers_transaction_holds_nothing
     assert [j["task_id"] for j in jobs(sql)] == [kept.id]
 
 
+def test_a_publish_of_a_key_held_in_an_open_transaction_waits_for_it_at_most_pool_timeout(
+        broker_url, transport_options, sql, database_url):
+    app = Celery("unique-wait", broker=broker_url, set_as_current=False)
+    app.conf.update(broker_transport_options={**transport_options, "pool_timeout": 1.0})
+    with psycopg.connect(database_url) as conn:
+        with pgbroker.atomic(conn):
+            first = app.send_task(TASK, args=["open"], unique={})
+        # The same thread publishes the key again before its commit: this cannot wait for it.
+        with pytest.raises(pgbroker.UniqueKeyBusy, match="not committed or rolled back within 1s"):
+            app.send_task(TASK, args=["open"], unique={})
+        conn.commit()
+    again = app.send_task(TASK, args=["open"], unique={})  # committed: an ordinary duplicate
+    assert duplicate_of(again.id) == first.id and [j["task_id"] for j in jobs(sql)] == [first.id]
+    app.close()
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"fields": ["colour"]}, "unique fields"),
     ({"states": ["sleeping"]}, "unique states"),
