@@ -370,7 +370,9 @@ class PoolGate:
         self._hand_over()
 
     def _hand_over(self) -> None:
-        while self.waiting and self.running < max(1, self.pool.num_processes or 1):
+        # A stopped or terminated pool (cold shutdown) takes nothing more: what waits here
+        # is unacknowledged and goes back to its queue with the connection.
+        while self.waiting and self.pool.active and self.running < max(1, self.pool.num_processes or 1):
             request = self.waiting.popleft()
             try:
                 request.execute_using_pool(self.pool)

@@ -268,6 +268,23 @@ def test_warm_shutdown_of_a_solo_worker_runs_no_more_of_its_claim(celery_app, st
     assert [e["key"] for e in effects(sql, what="started")] == ["solo0"]
 
 
+def test_cold_shutdown_of_a_busy_prefork_worker_is_clean_and_gives_waiting_jobs_back(celery_app, start_worker, sql):
+    """SIGQUIT terminates the pool under a running task while claimed ones wait for a
+    free process: they are not handed to the terminated pool but go back to the queue."""
+    jobs = [celery_app.gated.delay(f"cold{i}") for i in range(4)]
+    worker = start_worker(pool="prefork", concurrency=1)
+    wait_for(lambda: effects(sql, what="started"), 30, what="one task running")
+    wait_for(lambda: len(sql("SELECT 1 FROM {schema}.jobs WHERE state = 'executing'")) == 4, 30,
+             what="the whole batch claimed")
+    worker.proc.send_signal(signal.SIGQUIT)
+    assert worker.proc.wait(60) == 0
+    assert "Traceback" not in worker.output() and "Unrecoverable" not in worker.output(), worker.output()
+    started = {e["key"] for e in effects(sql, what="started")}
+    rows = rows_by_task_id(sql, [j.id for j in jobs])
+    assert len(started) == 1
+    assert [rows[j.id]["state"] for i, j in enumerate(jobs) if f"cold{i}" not in started] == ["available"] * 3
+
+
 def test_hard_time_limits_leave_the_prefork_pool_working(celery_app, start_worker, sql):
     """Time limits on a prefork pool: a task over its hard limit (its process killed and
     replaced) or its soft limit is discarded with the reason, the tasks after it run,
