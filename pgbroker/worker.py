@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery import bootsteps, signals
+from celery.app.defaults import DEFAULTS
 from celery.worker import control as _control
 from celery.exceptions import Retry, TaskRevokedError
 from celery.worker.request import Request
@@ -43,6 +44,9 @@ from .maintenance import maintainer_for
 from .transport import Channel, Transport
 
 logger = logging.getLogger(__name__)
+
+#: ``worker_lost_wait`` (seconds) of pgbroker's workers when the app keeps Celery's default.
+LOST_WAIT = 1.0
 
 _apps: dict[int, Any] = {}
 _engines: dict[tuple[int, int], JobEngine] = {}
@@ -244,6 +248,11 @@ def _on_worker_init(sender=None, **kwargs):
         # PoolGate (see WorkerHooks) holds such requests back instead.
         sender.pool_putlocks = False
         pool.wait_for_tasks_without_the_lock()
+        # That blocking pool marks the task of a process that died (OOM killer, SIGKILL)
+        # lost only worker_lost_wait after the death, and keeps its slot busy until then;
+        # Celery's default, 10 s, is meant for the event-loop pool, which sees the death at once.
+        if sender.worker_lost_wait == DEFAULTS["worker_lost_wait"]:
+            sender.worker_lost_wait = LOST_WAIT
 
 
 @signals.worker_ready.connect

@@ -321,6 +321,23 @@ def test_idle_pool_processes_killed_leave_the_prefork_pool_working(celery_app, s
     assert worker.proc.wait(30) == 0
 
 
+def test_a_pool_process_killed_mid_task_frees_its_slot_within_seconds(celery_app, start_worker, sql):
+    """The blocking pool marks the task of a dead process lost only after
+    worker_lost_wait: pgbroker's workers use 1 s unless the app sets it (Celery's
+    default of 10 s kept a -c 1 worker from running anything for 10 s)."""
+    m = celery_app
+    worker = start_worker(pool="prefork", concurrency=1)
+    killed = m.gated.delay("killed")
+    wait_for(lambda: effects(sql, what="started"), 30, what="the task to start")
+    queued = m.record.delay("behind")
+    [child] = Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()
+    os.kill(int(child), signal.SIGKILL)
+    wait_states(sql, [queued.id], timeout=6)  # 10 s and more before
+    assert "WorkerLostError" in worker.output()
+    wait_for(lambda: rows_by_task_id(sql, [killed.id])[killed.id]["state"] != "executing", 10,
+             what="the lost task's outcome")
+
+
 def test_sigterm_stops_an_idle_worker_without_waiting_on_listen(start_worker):
     """Celery's blocking loop sees the shutdown flag only after its current wait, then
     runs one more cycle: each could wait up to 2 s on LISTEN (at least 2 s in all). An
