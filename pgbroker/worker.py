@@ -37,6 +37,7 @@ from kombu.serialization import prepare_accept_content
 from kombu.transport import resolve_transport
 
 from . import pool, telemetry
+from .config import mask_url
 from .db import database_for
 from .errors import InvalidSnooze
 from .engine import JobEngine, Outcome, describe, engine_for, error_entry
@@ -333,6 +334,18 @@ class WorkerHooks(bootsteps.StartStopStep):
 
     def start(self, c):
         pass
+
+    def info(self, c):
+        """``celery inspect stats`` → broker: Celery drops the password field but shows
+        the hostname, which for pgbroker (as for any transport that parses its own URL)
+        is the whole URL; this step comes after Celery's and replaces it, masked."""
+        if c.connection is None:
+            return None
+        broker = c.connection.info()
+        broker.pop("password", None)
+        broker["hostname"] = mask_url(str(broker.get("hostname") or ""))
+        broker["alternates"] = [mask_url(str(url)) for url in broker.get("alternates") or ()]
+        return {"broker": broker}
 
     def stop(self, c):
         # The consumer stops (shutdown, or a restart after a lost connection): requests

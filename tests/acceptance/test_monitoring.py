@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.request
 from datetime import datetime, timedelta, timezone
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -58,7 +59,7 @@ def open_gate(sql):
     sql("INSERT INTO {schema}.gates VALUES (true)")
 
 
-def test_inspect_commands_answer_from_both_workers(two_workers, celery_app, celery_cli, sql):
+def test_inspect_commands_answer_from_both_workers(two_workers, celery_app, celery_cli, sql, worker_env):
     w1, w2 = two_workers
     assert "sync with" in w2.output() or "mingle: sync" in w2.output()  # mingle found w1
     assert celery_cli.inspect("ping") == {W1: {"ok": "pong"}, W2: {"ok": "pong"}}
@@ -85,6 +86,8 @@ def test_inspect_commands_answer_from_both_workers(two_workers, celery_app, cele
     stats = celery_cli.inspect("stats")
     assert stats[W1]["pool"]["max-concurrency"] == 2 and stats[W2]["pool"]["max-concurrency"] == 1
     assert stats[W1]["broker"]["transport"] == "pgbroker"
+    password = urlsplit(worker_env["BROKER_URL"]).password
+    assert password and f":{password}@" not in json.dumps(stats) and ":**@" in stats[W1]["broker"]["hostname"]
     registered = celery_cli.inspect("registered")
     assert f"{APP}.add" in registered[W1] and f"{APP}.add" in registered[W2]
     queues = celery_cli.inspect("active_queues")

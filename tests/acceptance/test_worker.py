@@ -251,14 +251,20 @@ def test_warm_shutdown_gives_prefetched_jobs_back(celery_app, start_worker, sql)
     assert any(r["redelivered"] and r["state"] == "available" for r in rows.values())
 
 
-def test_warm_shutdown_of_a_solo_worker_runs_no_more_of_its_claim(celery_app, start_worker, sql):
-    """A solo worker runs each task inside the delivery of its claimed batch: after
-    SIGTERM it finishes the running task and gives the rest of the batch back."""
-    jobs = [celery_app.gated.delay(f"solo{i}") for i in range(4)]
-    worker = start_worker(pool="solo", concurrency=1)
+def running_one_of_four(celery_app, start_worker, sql, prefix: str, pool: str):
+    """Four gated tasks claimed at once by a one-process worker, the first running."""
+    jobs = [celery_app.gated.delay(f"{prefix}{i}") for i in range(4)]
+    worker = start_worker(pool=pool, concurrency=1)
     wait_for(lambda: effects(sql, what="started"), 30, what="one task running")
     wait_for(lambda: len(sql("SELECT 1 FROM {schema}.jobs WHERE state = 'executing'")) == 4, 30,
              what="the whole batch claimed")
+    return jobs, worker
+
+
+def test_warm_shutdown_of_a_solo_worker_runs_no_more_of_its_claim(celery_app, start_worker, sql):
+    """A solo worker runs each task inside the delivery of its claimed batch: after
+    SIGTERM it finishes the running task and gives the rest of the batch back."""
+    jobs, worker = running_one_of_four(celery_app, start_worker, sql, "solo", "solo")
     worker.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "Warm shutdown" in worker.output(), 30, what="the shutdown to begin")
     sql("INSERT INTO {schema}.gates VALUES (true)")
@@ -271,11 +277,7 @@ def test_warm_shutdown_of_a_solo_worker_runs_no_more_of_its_claim(celery_app, st
 def test_cold_shutdown_of_a_busy_prefork_worker_is_clean_and_gives_waiting_jobs_back(celery_app, start_worker, sql):
     """SIGQUIT terminates the pool under a running task while claimed ones wait for a
     free process: they are not handed to the terminated pool but go back to the queue."""
-    jobs = [celery_app.gated.delay(f"cold{i}") for i in range(4)]
-    worker = start_worker(pool="prefork", concurrency=1)
-    wait_for(lambda: effects(sql, what="started"), 30, what="one task running")
-    wait_for(lambda: len(sql("SELECT 1 FROM {schema}.jobs WHERE state = 'executing'")) == 4, 30,
-             what="the whole batch claimed")
+    jobs, worker = running_one_of_four(celery_app, start_worker, sql, "cold", "prefork")
     worker.proc.send_signal(signal.SIGQUIT)
     assert worker.proc.wait(60) == 0
     assert "Traceback" not in worker.output() and "Unrecoverable" not in worker.output(), worker.output()
