@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: ``worker_lost_wait`` (seconds) of pgbroker's workers when the app keeps Celery's default.
 LOST_WAIT = 1.0
+#: ``worker_timer_precision`` (seconds) of pgbroker's workers when the app keeps Celery's default.
+TIMER_PRECISION = 0.1
 
 _apps: dict[int, Any] = {}
 _engines: dict[tuple[int, int], JobEngine] = {}
@@ -254,6 +256,11 @@ def _on_worker_init(sender=None, **kwargs):
         # Celery's default, 10 s, is meant for the event-loop pool, which sees the death at once.
         if sender.worker_lost_wait == DEFAULTS["worker_lost_wait"]:
             sender.worker_lost_wait = LOST_WAIT
+        # Without Celery's event loop its timer is a thread that sleeps up to
+        # worker_timer_precision before it sees a new entry: a countdown task that Postgres
+        # made available on time would start up to 1 s late (Celery's default).
+        if sender.timer_precision == DEFAULTS["worker_timer_precision"]:
+            sender.timer_precision = TIMER_PRECISION
 
 
 @signals.worker_ready.connect
