@@ -531,24 +531,28 @@ class ResultBackend(KeyValueStoreBackend):
                 if on_interval:
                     on_interval()
             check = check_parent
-        for task_id, meta in self._wait(task_ids, timeout, check, wake_on=[parent.id] if parent else ()):
-            if on_message is not None:
-                on_message(meta)
-            yield task_id, meta
+        yield from self._wait(task_ids, timeout, check, wake_on=[parent.id] if parent else (), on_message=on_message)
 
-    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None):
+    def wait_for_pending(self, result, timeout=None, interval=0.5, no_ack=True, on_message=None,
+                         on_interval=None, callback=None, propagate=True):
+        """``AsyncResult.get()``; ``on_message`` is called with each state the task stores
+        while it is waited for (``STARTED``, ``update_state`` progress, the outcome), as
+        with Celery's Redis backend."""
+        self._ensure_not_eager()
+        meta = self.wait_for(result.id, timeout=timeout, on_interval=on_interval, on_message=on_message)
+        result._maybe_set_cache(meta)
+        return result.maybe_throw(propagate=propagate, callback=callback)
+
+    def wait_for(self, task_id, timeout=None, interval=0.5, no_ack=True, on_interval=None, on_message=None):
         """Return the task's meta once it is ready; raise Celery's TimeoutError after ``timeout``."""
-        for _, meta in self._wait([task_id], timeout, on_interval, first_only=True):
+        for _, meta in self._wait([task_id], timeout, on_interval, first_only=True, on_message=on_message):
             return meta
         raise TimeoutError("The operation timed out.")  # pragma: no cover - _wait raises first
 
     def get_many(self, task_ids, timeout=None, interval=0.5, no_ack=True, on_message=None,
                  on_interval=None, max_iterations=None, READY_STATES=states.READY_STATES):
         """Yield ``(task_id, meta)`` as results become ready: one query per wake-up."""
-        for task_id, meta in self._wait(task_ids, timeout, on_interval, max_iterations=max_iterations):
-            if on_message is not None:
-                on_message(meta)
-            yield task_id, meta
+        yield from self._wait(task_ids, timeout, on_interval, max_iterations=max_iterations, on_message=on_message)
 
     def _when_reachable(self, call, deadline: float | None, timeout: float | None):
         """``call()``, tried again every ``result_polling_interval`` while the database is
@@ -570,14 +574,17 @@ class ResultBackend(KeyValueStoreBackend):
                 time.sleep(wait)
 
     def _wait(self, task_ids, timeout, on_interval, first_only=False, max_iterations=None,
-              wake_on: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
+              wake_on: Iterable[str] = (), on_message=None) -> Iterator[tuple[str, dict]]:
         """Yield (task id, meta) as the tasks' results become ready; also wake (and run
-        ``on_interval``) when a result of ``wake_on`` is stored."""
+        ``on_interval``) when a result of ``wake_on`` is stored. ``on_message(meta)``
+        sees every state stored meanwhile, once each, the outcome included."""
         pending = {bytes_to_str(t) for t in task_ids}
         for task_id in list(pending):  # Celery's cache of results already fetched
             cached = self._cache.get(task_id)
             if cached and cached["status"] in states.READY_STATES:
                 pending.discard(task_id)
+                if on_message is not None:
+                    on_message(cached)
                 yield task_id, cached
         if not pending:
             return
@@ -587,6 +594,7 @@ class ResultBackend(KeyValueStoreBackend):
         waiter = self._when_reachable(lambda: _waiter_for(self.db), deadline, timeout)
         event, known = waiter.watch(watched)
         iterations, woken, first = 0, False, True
+        seen: dict[str, bytes] = {}  # the last value passed to on_message, per key
         try:
             while pending:
                 event.clear()
@@ -616,6 +624,9 @@ class ResultBackend(KeyValueStoreBackend):
                     if value is None:
                         continue
                     meta = self.decode_result(value)
+                    if on_message is not None and seen.get(key) != value:
+                        seen[key] = value
+                        on_message(meta)
                     if meta["status"] in states.READY_STATES:
                         task_id = keys[key]
                         pending.discard(task_id)

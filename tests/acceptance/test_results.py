@@ -52,6 +52,20 @@ def test_get_wakes_on_notify_and_raises_task_errors(results_app, start_worker, s
     assert {r["state"] for r in stored} == {"SUCCESS", "FAILURE"}
 
 
+def test_get_on_message_sees_each_state_the_task_stores(results_app, start_worker, sql):
+    from tests.helpers import in_thread
+
+    m = results_app
+    start_worker(pool="threads")
+    result, seen = m.reports_progress.delay("p"), []
+    thread, outcome = in_thread(lambda: result.get(timeout=30, on_message=seen.append))
+    wait_for(lambda: [s["status"] for s in seen] == ["PROGRESS"], what="the progress state")
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    thread.join(30)
+    assert outcome == ["p"]
+    assert [(s["status"], s["result"]) for s in seen] == [("PROGRESS", {"key": "p"}), ("SUCCESS", "p")]
+
+
 def test_get_timeout(results_app, start_worker):
     from celery.exceptions import TimeoutError
 

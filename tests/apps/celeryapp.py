@@ -97,6 +97,13 @@ def gated(key):
     return key
 
 
+@app.task(bind=True)
+def reports_progress(self, key):
+    """Store a PROGRESS state, then wait for the gate like ``gated``."""
+    self.update_state(state="PROGRESS", meta={"key": key})
+    return gated(key)
+
+
 @app.task(autoretry_for=(ValueError,), retry_backoff=1, retry_jitter=False, max_retries=2)
 def always_fails(key):
     effect(key, "attempt")
