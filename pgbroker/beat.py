@@ -710,8 +710,7 @@ class Scheduler(beat.Scheduler):
         now = monotonic()
         return [name for name, until in self._failed.items() if until > now]
 
-    def _due_fires(self, row: dict) -> list[datetime]:
-        sched = Schedule(row["schedule"])
+    def _due_fires(self, row: dict, sched: Schedule) -> list[datetime]:
         now, start = row["db_now"], row["next_fire_at"]
         if not row["enabled"] or start is None or start > now:
             return []
@@ -726,7 +725,7 @@ class Scheduler(beat.Scheduler):
 
     def _fire(self, conn: psycopg.Connection, row: dict, sent: list[dict]) -> int:
         sched = Schedule(row["schedule"])
-        fires = [(t, False) for t in self._due_fires(row)]
+        fires = [(t, False) for t in self._due_fires(row, sched)]
         due = row["enabled"] and row["next_fire_at"] is not None and row["next_fire_at"] <= row["db_now"]
         next_fire_at = sched.next_after(row["db_now"], row["anchor_at"]) if due else row["next_fire_at"]
         if row["run_requested_at"] is not None:

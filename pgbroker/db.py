@@ -173,16 +173,13 @@ class Database:
             with self.connection() as conn:
                 version = _schema.current_version(conn, self.options.schema)
                 if version < _schema.LATEST:
-                    if not self.options.auto_migrate and version == 0:
-                        raise SchemaNotReady(
-                            f"schema {self.options.schema!r} in {self.safe_url} has no pgbroker tables: check "
-                            f"the schema name, or create them with `pgbroker migrate --schema {self.options.schema}`"
-                        )
                     if not self.options.auto_migrate:
+                        schema = self.options.schema
                         raise SchemaNotReady(
-                            f"schema {self.options.schema!r} in {self.safe_url} is at version {version}, "
-                            f"pgbroker needs {_schema.LATEST}: run `pgbroker migrate` "
-                            f"(or enable the auto_migrate transport option)"
+                            f"schema {schema!r} in {self.safe_url} has no pgbroker tables: check the schema name, "
+                            f"or create them with `pgbroker migrate --schema {schema}`" if version == 0 else
+                            f"schema {schema!r} in {self.safe_url} is at version {version}, pgbroker needs "
+                            f"{_schema.LATEST}: run `pgbroker migrate` (or enable the auto_migrate transport option)"
                         )
                     applied = _schema.migrate(conn, self.options.schema)
                     if applied:

@@ -321,6 +321,7 @@ class WorkerHooks(bootsteps.StartStopStep):
     """
 
     name = "pgbroker.worker-hooks"
+    requires = ("celery.worker.consumer.connection:Connection",)  # so info() comes after Celery's
 
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
@@ -345,7 +346,7 @@ class WorkerHooks(bootsteps.StartStopStep):
     def info(self, c):
         """``celery inspect stats`` → broker: Celery drops the password field but shows
         the hostname, which for pgbroker (as for any transport that parses its own URL)
-        is the whole URL; this step comes after Celery's and replaces it, masked."""
+        is the whole URL; this step comes after Celery's (``requires``) and replaces it, masked."""
         if c.connection is None:
             return None
         broker = c.connection.info()
