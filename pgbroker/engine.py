@@ -272,9 +272,11 @@ class JobEngine:
         """Make due scheduled/retryable jobs available; returns how many."""
         return self.db.fetchone("stage", limit=limit)["n"]
 
-    def next_due(self) -> float | None:
-        """Seconds until the next scheduled job is due (negative if overdue, None if none)."""
-        return self.db.fetchone("next_due")["seconds"]
+    def next_due(self) -> tuple[float | None, float]:
+        """Seconds until the next scheduled job is due (negative if overdue, None if none),
+        and the server's clock (epoch seconds)."""
+        row = self.db.fetchone("next_due")
+        return row["seconds"], row["server_now"]
 
     # -- consumers and rescue ----------------------------------------------------------------------
 

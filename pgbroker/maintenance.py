@@ -42,6 +42,12 @@ class Maintainer:
         self._queues: dict[str, set[str]] = {}  # connection -> queues it consumes
         self._numbers = itertools.count(1)
         self._stop = threading.Event()
+        self._woken = threading.Event()
+        self._wake_lock = threading.Lock()
+        #: When (monotonic) the stager looks next: infinity while it is looking, so that
+        #: the jobs scheduled meanwhile (wake_at) count at the next plan.
+        self._next_look = float("inf")
+        self._clock_offset = 0.0  # the server's clock minus ours (seconds)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -89,6 +95,7 @@ class Maintainer:
             if self._thread is None or self._stop.is_set():
                 return
             self._stop.set()
+        self._woken.set()
         self._thread.join(timeout)
         try:
             self.engine.settler.flush(timeout)
@@ -96,6 +103,15 @@ class Maintainer:
             self.engine.rescue(self.options.rescue_after, wait=True)  # this process's jobs, at once
         except Exception as exc:  # the database may be gone; the rescuer elsewhere will do it
             logger.warning("pgbroker: could not unregister consumer %s: %s", self.consumer_id, exc)
+
+    def wake_at(self, epoch: float) -> None:
+        """A job of a queue this process consumes is due at ``epoch`` (the server's
+        clock): stage then if the stager would sleep longer (called from any thread)."""
+        at = time.monotonic() + epoch - self._clock_offset - time.time()
+        with self._wake_lock:
+            if at < self._next_look:
+                self._next_look = at
+                self._woken.set()
 
     def _beat(self) -> None:
         queues = set().union(*self._queues.values())
@@ -155,7 +171,8 @@ class Maintainer:
                         due[i] = time.monotonic() + interval
                         duty()
                 self.engine.stage()
-                next_due = self.engine.next_due()
+                next_due, server_now = self.engine.next_due()
+                self._clock_offset = server_now - time.time()
                 wait = min(opts.polling_interval, min(due) - time.monotonic())
                 if next_due is not None:
                     wait = min(wait, next_due)
@@ -163,7 +180,21 @@ class Maintainer:
                 logger.warning("pgbroker: maintenance failed (%s); retrying", exc)
                 wait = 1.0
             # Overdue rows locked by another process's stager must not make us spin.
-            self._stop.wait(max(wait, 0.01))
+            self._sleep(max(wait, 0.01))
+
+    def _sleep(self, wait: float) -> None:
+        """Sleep ``wait`` seconds, or less if :meth:`wake_at` asks (before or meanwhile)."""
+        with self._wake_lock:
+            self._next_look = min(self._next_look, time.monotonic() + wait)
+        while not self._stop.is_set():
+            with self._wake_lock:
+                self._woken.clear()
+                left = self._next_look - time.monotonic()
+            if left <= 0:
+                break
+            self._woken.wait(left)
+        with self._wake_lock:
+            self._next_look = float("inf")
 
 
 _lock = threading.Lock()

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 #: While a claim is being delivered (each task run in the call by a solo pool), how
 #: often (seconds) to look for remote control that should overtake the rest of it.
 CONTROL_CHECK_AFTER = 0.02
+#: NOTIFY payload of jobs published or snoozed for later: this prefix and the epoch
+#: they are due at (see queries.sql, wake_inserted).
+SCHEDULED = "scheduled "
 
 
 class Message(virtual.Message):
@@ -558,7 +561,14 @@ class Transport(virtual.Transport):
         self._due.add(channel)
 
     def _mark_notified(self, notified) -> None:
-        names = {n.channel for n in notified}
+        """Channels notified of deliverable jobs claim next; a job scheduled for later
+        (payload ``scheduled``) wakes the process's stager instead."""
+        names = set()
+        for n in notified:
+            if n.payload.startswith(SCHEDULED):
+                maintainer_for(self.engine).wake_at(float(n.payload[len(SCHEDULED):]))
+            else:
+                names.add(n.channel)
         for channel in self.channels:
             if not names.isdisjoint(channel.notify_channels):
                 self._due.add(channel)

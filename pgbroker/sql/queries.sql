@@ -24,12 +24,14 @@ SELECT task_id, queue, task,
 FROM input ORDER BY ord
 
 -- fragment: wake_inserted
--- After `ins`: rows deliverable now wake their queue's listeners. NOTIFY is
--- transactional, so a caller's rollback also takes the wake-up back.
+-- After `ins`: rows deliverable now wake their queue's listeners to claim. Rows due
+-- later send 'scheduled <epoch of the earliest>' instead: a listening process whose
+-- stager sleeps past that time wakes it (a countdown can be shorter than its sleep).
+-- NOTIFY is transactional, so a caller's rollback also takes the wake-up back.
 woke AS (
-    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (
-        SELECT DISTINCT queue FROM ins WHERE state = 'available'
-    ) q
+    SELECT pg_notify({schema}.notify_channel(queue),
+                     CASE WHEN ready THEN '' ELSE 'scheduled ' || extract(epoch FROM due) END)
+    FROM (SELECT queue, state = 'available' AS ready, min(scheduled_at) AS due FROM ins GROUP BY 1, 2) q
 )
 SELECT ins.id, ins.task_id FROM ins, (SELECT count(*) FROM woke) w
 
@@ -47,7 +49,7 @@ ins AS (
         content_type = excluded.content_type, content_encoding = excluded.content_encoding,
         attempted_by = NULL, acked = false, completed_at = NULL, discarded_at = NULL
         WHERE j.state <> 'cancelled'
-    RETURNING j.id, j.task_id, j.queue, j.state
+    RETURNING j.id, j.task_id, j.queue, j.state, j.scheduled_at
 ), {wake_inserted}
 
 -- fragment: many_input
@@ -112,7 +114,7 @@ WHERE unique_key = ANY(%(keys)s::text[])
 {many_input}, ins AS (
     {insert_jobs}
     ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-    RETURNING j.id, j.task_id, j.queue, j.state
+    RETURNING j.id, j.task_id, j.queue, j.state, j.scheduled_at
 ), {wake_inserted};
 
 -- name: unique_holders
@@ -212,7 +214,8 @@ SELECT * FROM claimed;
 -- (once per batch): an early-acknowledged job is not redelivered, so an outcome lost
 -- in a server crash or failover would leave it executing until its worker exits, and
 -- a completed one would run again. A job leaving a concurrency-limited queue frees a
--- slot: that queue's consumers are woken to claim.
+-- slot: that queue's consumers are woken to claim; a snoozed job wakes its queue's
+-- stagers.
 -- op: completed | discarded | cancelled | acked (delivery acknowledged, task still running)
 -- | snoozed (scheduled again in `delay` seconds; like Oban, max_attempts grows by one so
 -- the snooze spends no attempt, and meta.snoozed counts them).
@@ -236,13 +239,16 @@ WITH settled AS (
                 %(delays)s::float8[])
          AS s(id, attempt, op, error, delay)
     WHERE j.id = s.id AND j.attempt = s.attempt AND j.state::text = 'executing'
-    RETURNING j.queue, j.state
+    RETURNING j.queue, j.state, j.scheduled_at
 ), woke AS (
     SELECT pg_notify({schema}.notify_channel(c.name), '') FROM {schema}.queues AS c
     WHERE c.concurrency IS NOT NULL
       AND c.name IN (SELECT queue FROM settled WHERE state <> 'executing')
+), snoozed AS (  -- as for a job published for later (wake_inserted)
+    SELECT pg_notify({schema}.notify_channel(queue), 'scheduled ' || extract(epoch FROM min(scheduled_at)))
+    FROM settled WHERE state = 'scheduled' GROUP BY queue
 )
-SELECT (SELECT count(*) FROM woke) AS woke;
+SELECT (SELECT count(*) FROM woke) + (SELECT count(*) FROM snoozed) AS woke;
 
 -- name: append_errors
 -- Add error entries to jobs whatever their state (a retried attempt's error: the
@@ -285,8 +291,10 @@ WITH due AS (
 SELECT (SELECT count(*) FROM staged) AS n, (SELECT count(*) FROM woke) AS woke;
 
 -- name: next_due
--- Seconds until the earliest scheduled/retryable job is due (NULL when none).
-SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds
+-- Seconds until the earliest scheduled/retryable job is due (NULL when none), and the
+-- server's clock (epoch), which dates the times 'scheduled' notifications carry.
+SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds,
+       extract(epoch FROM now())::float8 AS server_now
 FROM {schema}.jobs WHERE state IN ('scheduled', 'retryable');
 
 -- name: consumer_heartbeat

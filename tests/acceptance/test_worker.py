@@ -61,6 +61,25 @@ def test_tasks_countdown_eta_routing_and_rows(celery_app, start_worker, sql, poo
     assert sorted(e["key"] for e in effects(sql)) == ["countdown", "eta", "explicit", "plain", "prio", "routed"]
 
 
+def test_short_delays_are_on_time_with_long_intervals(celery_app, start_worker, sql):
+    """A countdown, retry or snooze shorter than the consumers' polling and heartbeat
+    intervals is not late: a job scheduled for later wakes the stager of the processes
+    consuming its queue when it would sleep past the job's time."""
+    start_worker(pool="threads", overrides={"PGBROKER_POLLING_INTERVAL": "30", "PGBROKER_HEARTBEAT_INTERVAL": "30"})
+    late = []
+    for i in range(3):
+        job = celery_app.record.apply_async((f"soon{i}",), countdown=0.3)
+        row = wait_states(sql, [job.id], timeout=40)[job.id]
+        late.append((row["attempted_at"] - row["scheduled_at"]).total_seconds())
+    assert max(late) < 2.0, late  # without the wake-up: up to 30 s each
+    # two retries after 0.2 s, two snoozes of 0.2 s (published, resp. rescheduled, by the worker)
+    ids = [celery_app.fails_twice.delay("r").id, celery_app.snoozes_twice.delay("s").id]
+    wait_states(sql, ids, timeout=120)
+    for key in "rs":
+        at = [r["at"] for r in sql("SELECT at FROM {schema}.effects WHERE key = %s ORDER BY id", key)]
+        assert (at[-1] - at[0]).total_seconds() < 4.0, at  # without: 30 s or more
+
+
 def test_expired_job_is_cancelled_not_run(celery_app, start_worker, sql):
     """The worker sees an expired job only to revoke it (so Celery records REVOKED); it never runs."""
     job = celery_app.record.apply_async(("late",), expires=0.5)

@@ -22,8 +22,8 @@ app.conf.update(
     broker_transport_options={
         "schema": SCHEMA,
         "polling_interval": float(os.environ.get("PGBROKER_POLLING_INTERVAL", "1.0")),
-        "heartbeat_interval": 0.5,
-        "rescue_after": 2.0,
+        "heartbeat_interval": float(os.environ.get("PGBROKER_HEARTBEAT_INTERVAL", "0.5")),
+        "rescue_after": 4 * float(os.environ.get("PGBROKER_HEARTBEAT_INTERVAL", "0.5")),
         "max_result_size": 100_000,
         "prune_interval": float(os.environ.get("PRUNE_INTERVAL", "60")),
         # the tests read job rows after the fact: keep them unless a test asks

@@ -64,6 +64,45 @@ def test_scheduled_rows_wait_until_due(connection, sql, engine):
     assert row["attempted_at"] >= row["scheduled_at"]
 
 
+def test_jobs_scheduled_for_later_wake_the_stager_only_when_it_would_sleep_past_them(
+        broker_url, transport_options, connection, sql):
+    """A consumer's stager sleeping up to 30 s stages a 0.3 s countdown on time, and
+    jobs due after its next look do not make it look again (no query per publish)."""
+    from pgbroker.maintenance import shutdown
+
+    def drain_until(n):
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            try:
+                consumer.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+
+    slow = {**transport_options, "polling_interval": 30, "heartbeat_interval": 30, "rescue_after": 60}
+    got = []
+    with Connection(broker_url, transport_options=slow) as consumer:
+        q = publish(connection, "later", "first")
+        with consumer.Consumer(q, callbacks=[lambda body, m: got.append(body) or m.ack()]):
+            drain_until(1)  # the consumer's maintainer now sleeps 30 s
+            engine = consumer.transport.engine
+            looks = []
+            stage = engine.stage
+            engine.stage = lambda *a, **kw: looks.append(1) or stage(*a, **kw)
+            far = (datetime.now(timezone.utc) + timedelta(seconds=20)).isoformat()
+            for i in range(50):  # each its own transaction and NOTIFY, read by the consumer
+                publish(connection, "later", f"far{i}", headers={"id": f"far{i}", "task": "t", "eta": far})
+                with pytest.raises(TimeoutError):
+                    consumer.drain_events(timeout=0.02)
+            eta = (datetime.now(timezone.utc) + timedelta(seconds=0.3)).isoformat()
+            publish(connection, "later", "soon", headers={"id": "soon", "task": "t", "eta": eta})
+            drain_until(2)
+        assert got == ["first", "soon"]
+        row = sql("SELECT scheduled_at, attempted_at FROM {schema}.jobs WHERE task_id = 'soon'")[0]
+        assert (row["attempted_at"] - row["scheduled_at"]).total_seconds() < 2.0
+        assert len(looks) <= 3, len(looks)  # the soon job's look, not one per far job
+        shutdown(consumer.transport.database)
+
+
 def test_claims_are_sized_by_prefetch(connection, sql):
     for i in range(10):
         q = publish(connection, "pf", i)
