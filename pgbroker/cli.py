@@ -200,6 +200,9 @@ def _queues_group(get_url):
             for q in stats], right=STATES + ("oldest available",))
 
     def show(queue: str, row: dict) -> None:
+        if row["created"]:
+            click.echo(f"warning: no producer or worker has declared queue {queue!r}; created it with these "
+                       f"controls (check the name: `pgbroker queues` lists the known queues)", err=True)
         limits = [f"concurrency {row['concurrency']}" if row["concurrency"] else "",
                   f"rate {row['rate_limit']}/{row['rate_period']:g}s" if row["rate_limit"] else ""]
         click.echo(f"{queue}: {'paused' if row['paused'] else 'running'}"

@@ -2,7 +2,7 @@
 
 Every function takes a ``source``: a Celery app whose broker is pgbroker, a
 :class:`~pgbroker.db.Database`, a :class:`~pgbroker.engine.JobEngine` or a database
-URL (``schema=`` then names the prefix)::
+URL (``schema=`` then names the schema, which must exist: see ``pgbroker migrate``)::
 
     import pgbroker.jobs as jobs
 
@@ -44,7 +44,8 @@ def _engine(source: Any, schema: str | None = None) -> JobEngine:
     if isinstance(source, Database):
         return engine_for(source)
     if isinstance(source, str):
-        db = Database.get(conninfo_from_url(source), Options(schema=schema or "pgbroker"))
+        # An administrative call: a mistyped schema is an error, not a new empty schema.
+        db = Database.get(conninfo_from_url(source), Options(schema=schema or "pgbroker", auto_migrate=False))
     elif hasattr(source, "conf") and hasattr(source, "connection_for_write"):
         db = database_for(source)
     else:
@@ -173,7 +174,12 @@ def queues(source: Any, queue: str | None = None, schema: str | None = None) -> 
 
 
 def pause(source: Any, queue: str, schema: str | None = None) -> dict:
-    """Stop every worker from starting jobs of ``queue`` (persisted; running jobs finish)."""
+    """Stop every worker from starting jobs of ``queue`` (persisted; running jobs finish).
+
+    Like :func:`resume` and :func:`limit`, returns the queue's controls (``paused``,
+    ``concurrency``, ``rate_limit``, ``rate_period``) and ``created``: True when no
+    producer or worker had declared the queue yet (controls can be set ahead of them,
+    but it may be a typo)."""
     return _engine(source, schema).set_queue(validate_name("queue", queue), paused=True)
 
 

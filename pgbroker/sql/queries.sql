@@ -496,7 +496,8 @@ WHERE %(queue)s::text IS NULL OR coalesce(c.queue, q.name) = %(queue)s
 ORDER BY 1;
 
 -- name: queue_control_set
--- Set a queue's controls (the queue row is created if needed). Each NULL `set_*`
+-- Set a queue's controls (the queue row is created if needed: `created` says so, a
+-- queue no producer or worker has declared, perhaps a typo). Each NULL `set_*`
 -- leaves that control as it is.
 INSERT INTO {schema}.queues AS q (name, paused, concurrency, rate_limit, rate_period)
 VALUES (%(queue)s, coalesce(%(paused)s::boolean, false), %(concurrency)s::integer, %(rate_limit)s::integer,
@@ -506,7 +507,8 @@ ON CONFLICT (name) DO UPDATE SET
     concurrency = CASE WHEN %(set_concurrency)s THEN excluded.concurrency ELSE q.concurrency END,
     rate_limit = CASE WHEN %(set_rate)s THEN excluded.rate_limit ELSE q.rate_limit END,
     rate_period = CASE WHEN %(set_rate)s THEN excluded.rate_period ELSE q.rate_period END
-RETURNING name, paused, concurrency, rate_limit, rate_period;
+RETURNING name, paused, concurrency, rate_limit, rate_period,
+          NOT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s) AS created;
 
 -- name: consumers_list
 -- Live consumer processes (workers), oldest first.

@@ -17,7 +17,7 @@ import pgbroker.jobs as jobs
 from pgbroker import telemetry
 from pgbroker.cli import main
 from pgbroker.engine import Outcome
-from pgbroker.errors import InvalidJobOption, InvalidState
+from pgbroker.errors import InvalidJobOption, InvalidState, SchemaNotReady
 from pgbroker.maintenance import Maintainer
 from pgbroker.message import channel_name
 
@@ -106,8 +106,8 @@ def test_queue_stats_show_counts_age_and_controls(app, sql):
     for i in range(3):
         app.tasks["t.work"].apply_async((i,), queue="stats")
     sql("UPDATE {schema}.jobs SET scheduled_at = now() - interval '90 seconds' WHERE queue = 'stats'")
-    jobs.limit(app, "stats", concurrency=2, rate="10/m")
-    jobs.pause(app, "idle")
+    assert not jobs.limit(app, "stats", concurrency=2, rate="10/m")["created"]  # declared by its publisher
+    assert jobs.pause(app, "idle")["created"]  # set ahead of any producer or worker (or a typo)
     stats = {q["queue"]: q for q in jobs.queues(app)}
     assert stats["stats"]["available"] == 3 and 89 < stats["stats"]["oldest_available"] < 120
     assert (stats["stats"]["concurrency"], stats["stats"]["rate_limit"], stats["stats"]["rate_period"]) == (2, 10, 60)
@@ -267,6 +267,8 @@ def test_cli_jobs_queues_and_status(app, database_url, schema):
     bad = run(main, base + ["queues", "limit", "other", "--rate", "0/s", "--schema", schema])
     assert bad.exit_code != 0 and "InvalidJobOption" in bad.output
     assert run(main, base + ["jobs", "show", "nope", "--schema", schema]).exit_code != 0
+    typo = run(main, base + ["queues", "pause", "othre", "--schema", schema])
+    assert typo.exit_code == 0 and "no producer or worker has declared queue 'othre'" in typo.output
 
 
 def test_cli_reports_bad_input_unknown_schemas_and_a_dead_database_without_tracebacks(database_url, schema):
@@ -276,6 +278,8 @@ def test_cli_reports_bad_input_unknown_schemas_and_a_dead_database_without_trace
     base = ["--url", database_url]
     typo = run(main, base + ["status", "--schema", "no_such_schema"])
     assert typo.exit_code == 1 and "has no pgbroker tables" in typo.output, typo.output
+    with pytest.raises(SchemaNotReady):  # the job API given a URL does not create one either
+        jobs.queues(database_url, schema="no_such_schema")
     with psycopg.connect(database_url) as conn:  # only `migrate` creates a schema
         assert conn.execute("SELECT to_regnamespace('no_such_schema')").fetchone()[0] is None
     reserved = run(main, base + ["jobs", "ls", "--schema", "pg_jobs"])
