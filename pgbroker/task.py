@@ -12,6 +12,9 @@ and these pgbroker ones, per call or as task options (``@app.task(max_attempts=5
     ``max_retries + 1``.
 ``meta``
     a JSON object stored as the job's ``meta`` (filter on it with :mod:`pgbroker.jobs`).
+    As a task option it may also be a function of ``(args, kwargs)`` returning one,
+    which then applies to every publish of the task (beat's too); a call's own
+    ``meta`` is merged over it.
 ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``
     the delay of this call's retries, computed as Celery's ``autoretry_for`` does
     (exponential, capped, full jitter by default); with :class:`Task` it replaces
@@ -24,6 +27,7 @@ pgbroker transport loads.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from typing import Any
@@ -66,6 +70,20 @@ def _backoff(factor: Any, maximum: Any, jitter: Any) -> dict:
     return {"factor": float(factor), "max": float(maximum), "jitter": jitter}
 
 
+def _task_meta(task, args: Any, kwargs: Any) -> dict:
+    """The task option ``meta``: a JSON object, or a function of the call's arguments."""
+    # Unbound: a function given as a task option is a class attribute of the task.
+    meta = inspect.getattr_static(task, "meta", None) if task is not None else None
+    if isinstance(meta, staticmethod):
+        meta = meta.__func__
+    if callable(meta):
+        try:
+            meta = meta(tuple(args or ()), dict(kwargs or {}))
+        except Exception as exc:
+            raise InvalidJobOption(f"the meta function of task {task.name!r} failed: {exc!r}") from exc
+    return _meta(meta) if meta is not None else {}
+
+
 def job_headers(task, sender: str, options: dict, routing_key: str | None, args: Any, kwargs: Any) -> dict:
     """The ``pgbroker_*`` headers of a first publish, from the call's options (popped
     from ``options``) and then the task's. Raises InvalidJobOption/InvalidUnique."""
@@ -82,9 +100,9 @@ def job_headers(task, sender: str, options: dict, routing_key: str | None, args:
         attempts = task.max_retries + 1
     if attempts is not None:
         headers["pgbroker_max_attempts"] = _max_attempts(attempts)
-    meta = options.pop("meta", None)
-    if meta is not None:
-        headers["pgbroker_meta"] = _meta(meta)
+    meta = {**_task_meta(task, args, kwargs), **_meta(options.pop("meta", None) or {})}
+    if meta:
+        headers["pgbroker_meta"] = meta
     explicit = {n: options.pop(n) for n in ("retry_backoff", "retry_backoff_max", "retry_jitter") if n in options}
     if explicit and explicit.get("retry_backoff") is not False:
         headers["pgbroker_backoff"] = _backoff(
@@ -164,7 +182,8 @@ def _task_base():
         * ``apply_async`` of a unique job whose key is held returns the holder's
           ``AsyncResult`` (``result.duplicate`` is True; False otherwise).
         * ``retry()`` stops at the call's ``max_attempts`` and waits the call's
-          ``retry_backoff`` delay, and the retry message carries both on.
+          ``retry_backoff`` delay, and the retry message carries both on;
+          ``is_last_attempt()`` says whether it would.
 
         Use it per task (``@app.task(base=pgbroker.Task)``) or for the whole app
         (``Celery(..., task_cls="pgbroker:Task")``).
@@ -179,6 +198,14 @@ def _task_base():
             existing = self.AsyncResult(holder)
             existing.duplicate = True
             return existing
+
+        def is_last_attempt(self) -> bool:
+            """Whether the running attempt is the last one its budget allows (the
+            call's ``max_attempts``, else the task's ``max_retries``): a ``retry()``
+            now would fail the task instead."""
+            attempts = _header(self.request, "pgbroker_max_attempts")
+            limit = int(attempts) - 1 if attempts is not None else self.max_retries
+            return limit is not None and (self.request.retries or 0) >= limit
 
         def retry(self, args=None, kwargs=None, exc=None, throw=True, eta=None, countdown=None,
                   max_retries=None, **options):

@@ -58,6 +58,18 @@ def test_per_call_options_land_on_the_job(app):
     assert jobs.count(app) == 2  # the refused publish stored nothing
 
 
+def test_meta_as_a_task_option_applies_to_every_publish(app):
+    fixed = app.task(name="t.fixed", meta={"team": "ops"})(work)
+    derived = app.task(name="t.derived", meta=lambda args, kwargs: {"order": args[0], "rush": kwargs.get("rush")})(work)
+    assert jobs.get(app, fixed.delay(1).id).meta == {"team": "ops"}
+    assert jobs.get(app, fixed.apply_async((1,), meta={"team": "web", "x": 1}).id).meta == {"team": "web", "x": 1}
+    assert jobs.get(app, app.send_task("t.derived", (42,), {"rush": True}).id).meta == {"order": 42, "rush": True}
+    broken = app.task(name="t.broken", meta=lambda args, kwargs: args[5])(work)
+    with pytest.raises(InvalidJobOption, match="meta function of task 't.broken' failed"):
+        broken.delay(1)
+    assert derived.name == "t.derived"
+
+
 def test_list_filters_and_pages(app):
     ids = [app.tasks["t.work"].apply_async((i,), meta={"tenant": i % 2}).id for i in range(6)]
     app.tasks["t.other"].apply_async((9,), queue="other")
