@@ -96,6 +96,14 @@ class Storage:
         options = dict(bind=True, shared=False, base=pgbroker.Task, acks_late=True, reject_on_worker_lost=True,
                        autoretry_for=TRANSIENT, retry_backoff=True, retry_jitter=True, max_retries=max_retries)
 
+        def task(action: str, queue: str):
+            """A storage task: its own queue and, on every publish (beat's too), the job meta
+            that get_job_status and cancel_jobs find it by."""
+            def meta(args, kwargs):
+                return {"storage_resource": str(args[0]) if args else None, "action": action,
+                        "actor": args[1] if len(args) > 1 else None}
+            return app.task(name=f"storage_tasks.{action}", queue=queue, meta=meta, **options)
+
         def process(task, resource_id, stored_actor, content, storage_options):
             return self._run_process(task, resource_id, stored_actor, content, storage_options)
 
@@ -105,9 +113,9 @@ class Storage:
         def version(task, resource_id, stored_actor, content, version_name, commit_message):
             return self._run_version(task, resource_id, stored_actor, content, version_name, commit_message)
 
-        self.process_task = app.task(name="storage_tasks.process", **options)(process)
-        self.cleanup_task = app.task(name="storage_tasks.cleanup", **options)(cleanup)
-        self.version_task = app.task(name="storage_tasks.version", **options)(version)
+        self.process_task = task("process", "storage_processing")(process)
+        self.cleanup_task = task("cleanup", "storage_cleanup")(cleanup)
+        self.version_task = task("version", "storage_versioning")(version)
 
     def migrate(self) -> None:
         """Create the tables and set the queues' cluster-wide concurrency (:data:`QUEUES`)."""
@@ -154,21 +162,21 @@ class Storage:
                               storage_options: dict | None = None, actor: Any = None, delay: float | None = None):
         """Store ``content`` as the resource's current content, in the background.
         ``storage_options`` go to the backend (git: ``message``); others are refused."""
-        return self._schedule(resource, actor, "process", self.process_task, "storage_processing", delay,
+        return self._schedule(resource, actor, "process", self.process_task, delay,
                               content=content, storage_options=storage_options or {})
 
     def cleanup_content_async(self, resource: StorageResource, actor: Any = None, delay: float | None = None):
         """Remove the resource's content from its backend, in the background (idempotent)."""
-        return self._schedule(resource, actor, "cleanup", self.cleanup_task, "storage_cleanup", delay)
+        return self._schedule(resource, actor, "cleanup", self.cleanup_task, delay)
 
     def create_version_async(self, resource: StorageResource, content: str | bytes, version_name: str | None = None,
                              commit_message: str | None = None, actor: Any = None):
         """Keep ``content`` as a new version (a git commit authored by the actor, with
         ``commit_message``), in the background. A retried job makes no second version."""
-        return self._schedule(resource, actor, "version", self.version_task, "storage_versioning", None,
+        return self._schedule(resource, actor, "version", self.version_task, None,
                               content=content, version_name=version_name, commit_message=commit_message or "")
 
-    def _schedule(self, resource: StorageResource, actor: Any, action: str, task, queue: str, delay: float | None,
+    def _schedule(self, resource: StorageResource, actor: Any, action: str, task, delay: float | None,
                   content: str | bytes | None = None, **kwargs: Any):
         session = Session.object_session(resource)
         owned = session is None
@@ -177,21 +185,24 @@ class Storage:
         try:
             # A detached (maybe expired) resource or actor is read again in this session:
             # merging its stale state would write it back.
-            resource, actor = _live(session, _id(resource), action), _attached(session, actor)
+            resource, attached = _live(session, _id(resource), action), _attached(session, actor)
+            if attached is None and actor is not None:
+                raise ActorNotFound(f"{_gone(actor)} no longer exists")
+            # Stored, then looked up as the worker will: a deleted user or revoked key is
+            # ActorNotFound now as then.
+            stored_actor = self.persister.store(attached)
+            actor = self.persister.lookup(stored_actor, session)
             options = kwargs.get("storage_options") or {}
             unknown = set(options) - self.backends[resource.backend].options
             if unknown:
                 raise InvalidStorageOptions(f"{resource.backend} backend takes no storage option(s) "
                                             f"{sorted(unknown)}; it takes {sorted(self.backends[resource.backend].options)}")
             self.policy.check(actor, resource, session, action)
-            stored_actor = self.persister.store(actor)
             task_id = str(uuid.uuid4())
             if content is not None:
                 kwargs["content"] = self._content_ref(session, task_id, content)
             with pgbroker.atomic(session):
-                result = task.apply_async(
-                    (str(resource.id), stored_actor), kwargs, task_id=task_id, queue=queue, countdown=delay,
-                    meta={"storage_resource": str(resource.id), "action": action, "actor": stored_actor})
+                result = task.apply_async((str(resource.id), stored_actor), kwargs, task_id=task_id, countdown=delay)
             if owned:
                 session.commit()
             return result
@@ -218,16 +229,33 @@ class Storage:
                           j.cancelled_at, j.meta.get("action"), j.meta.get("actor")) for j in found]
 
     def cancel_jobs(self, resource: StorageResource | uuid.UUID | str) -> int:
-        """Cancel the resource's available and scheduled jobs (running ones finish); the count."""
-        return pgjobs.cancel(self.app, meta={"storage_resource": str(_id(resource))},
-                             states=["available", "scheduled"], revoke=False).cancelled
+        """Cancel the resource's jobs that have not started or wait to retry (running ones
+        finish), with the content staged for them; the count."""
+        done = pgjobs.cancel(self.app, meta={"storage_resource": str(_id(resource))},
+                             states=["available", "scheduled", "retryable"], revoke=False)
+        with Session(self.engine) as session, session.begin():
+            session.execute(StagedContent.__table__.delete().where(StagedContent.key.in_(done.task_ids)))
+        return done.cancelled
+
+    def prune_staged(self) -> int:
+        """Delete staged content no job will read: its job finished or is gone (cancelled
+        or revoked elsewhere, rescued and discarded, pruned). Jobs that end in a worker
+        delete their own; run this now and then (a beat entry) for the rest. The count."""
+        with Session(self.engine) as session:
+            keys = session.scalars(select(StagedContent.key)).all()
+        waiting = ("available", "scheduled", "executing", "retryable")
+        orphans = [key for key in keys if (job := pgjobs.get(self.app, key)) is None or job.state.value not in waiting]
+        with Session(self.engine) as session, session.begin():
+            session.execute(StagedContent.__table__.delete().where(StagedContent.key.in_(orphans)))
+        return len(orphans)
 
     # -- the jobs (worker side) ----------------------------------------------------------------
 
     def _run(self, task, action: str, resource_id: str, stored_actor: dict | None,
-             work: Callable[[Any, StorageResource], str]) -> str:
+             work: Callable[[Any, StorageResource], str], content: dict | None = None) -> str:
         """Find the actor and the resource, re-check the actor's permission (one short
-        transaction), run ``work`` outside any transaction, audit the outcome."""
+        transaction), run ``work`` outside any transaction, audit the outcome. A job
+        that fails for good drops the content staged for it."""
         rid = uuid.UUID(resource_id)
         try:
             with Session(self.engine, expire_on_commit=False) as session:
@@ -236,16 +264,33 @@ class Storage:
                 self.policy.check(actor, resource, session, action)
                 session.expunge_all()
             detail = work(actor, resource)
-        except TRANSIENT as exc:
-            self._audit(action, rid, stored_actor, task, "retrying", f"{type(exc).__name__}: {exc}")
-            raise
         except Exception as exc:
-            outcome = {ActorNotFound: "actor_not_found", Forbidden: "forbidden", ActorRequired: "forbidden",
-                       ResourceGone: "resource_gone"}.get(type(exc), "failed")
+            if isinstance(exc, TRANSIENT) and not task.is_last_attempt():
+                outcome = "retrying"
+            else:
+                outcome = {ActorNotFound: "actor_not_found", Forbidden: "forbidden", ActorRequired: "forbidden",
+                           ResourceGone: "resource_gone"}.get(type(exc), "failed")
             self._audit(action, rid, stored_actor, task, outcome, f"{type(exc).__name__}: {exc}")
+            if outcome != "retrying" and content is not None:
+                with Session(self.engine) as session, session.begin():
+                    _drop_staged(session, content)
             raise
         self._audit(action, rid, stored_actor, task, "ok", detail)
         return detail
+
+    def _record(self, resource: StorageResource, record: Callable[[Session, Any], Any]) -> Any:
+        """Record what a job wrote: ``record(session, row)`` (the resource's status and
+        version count) in a transaction holding the resource's row lock, so a deletion
+        commits before or after it, never between. A resource deleted before loses what
+        the job wrote (its cleanup may have run before the write): ResourceGone."""
+        with Session(self.engine) as session, session.begin():
+            row = session.execute(select(StorageResource.status, StorageResource.version_count).where(
+                StorageResource.id == resource.id).with_for_update()).first()
+            if row is not None and row.status != "deleted":
+                return record(session, row)
+        self.backends[resource.backend].delete(resource.id)
+        raise ResourceGone(f"storage resource {resource.id} was deleted while this job wrote its content; "
+                           "what it wrote was removed")
 
     def _audit(self, action: str, rid: uuid.UUID, stored_actor, task, outcome: str, detail: str | None) -> None:
         with Session(self.engine) as session, session.begin():
@@ -273,14 +318,16 @@ class Storage:
             ref = backend.store(resource.id, data, key=task.request.id, author=describe(actor),
                                 file_name=resource.file_name, **storage_options)
             digest = hashlib.sha256(data).hexdigest()
-            with Session(self.engine) as session, session.begin():
-                session.execute(update(StorageResource).where(
-                    StorageResource.id == resource.id, StorageResource.status != "deleted").values(
+
+            def record(session, row):
+                session.execute(update(StorageResource).where(StorageResource.id == resource.id).values(
                     content_hash=digest, size=len(data), status="ready"))
                 _drop_staged(session, content)
+
+            self._record(resource, record)
             return f"stored {len(data)} bytes at {ref}"
 
-        return self._run(task, "process", resource_id, stored_actor, work)
+        return self._run(task, "process", resource_id, stored_actor, work, content)
 
     def _run_cleanup(self, task, resource_id: str, stored_actor: dict | None) -> str:
         def work(actor, resource: StorageResource) -> str:
@@ -306,25 +353,24 @@ class Storage:
             ref = self.backends[resource.backend].write_version(
                 resource.id, data, key=key, name=name, message=commit_message, author=author,
                 file_name=resource.file_name)
-            with Session(self.engine) as session, session.begin():
-                # The resource row orders concurrent versions; the (resource, job) key makes
-                # a redelivered job's insert a no-op.
-                count, status = session.execute(select(StorageResource.version_count, StorageResource.status).where(
-                    StorageResource.id == resource.id).with_for_update()).one()
-                if status == "deleted":
-                    raise ResourceGone(f"storage resource {resource.id} was deleted while its version was written")
+            def record(session, row) -> bool:
+                # The resource's row lock orders concurrent versions; the (resource, job)
+                # key makes a redelivered job's insert a no-op.
                 added = session.execute(insert(StorageVersion).values(
-                    resource_id=resource.id, number=count + 1, name=name, commit_message=commit_message,
+                    resource_id=resource.id, number=row.version_count + 1, name=name, commit_message=commit_message,
                     author=author, content_hash=hashlib.sha256(data).hexdigest(), size=len(data), ref=ref,
                     job_key=key).on_conflict_do_nothing(index_elements=["resource_id", "job_key"])
                     .returning(StorageVersion.id)).first() is not None
                 if added:
                     session.execute(update(StorageResource).where(StorageResource.id == resource.id).values(
-                        version_count=count + 1))
+                        version_count=row.version_count + 1))
                 _drop_staged(session, content)
+                return added
+
+            added = self._record(resource, record)
             return f"version {name} at {ref}" + ("" if added else " (already recorded)")
 
-        return self._run(task, "version", resource_id, stored_actor, work)
+        return self._run(task, "version", resource_id, stored_actor, work, content)
 
 
 def _id(resource: StorageResource | uuid.UUID | str) -> uuid.UUID:
@@ -350,6 +396,12 @@ def _drop_staged(session: Session, content: dict) -> None:
     """Delete the job's staged content, in the transaction recording its outcome."""
     if "staged" in content:
         session.execute(StagedContent.__table__.delete().where(StagedContent.key == content["staged"]))
+
+
+def _gone(obj: Any) -> str:
+    """What a mapped instance that no longer exists was (``User 7``)."""
+    identity = sa_inspect(obj).identity
+    return f"{type(obj).__name__} {identity[0] if identity and len(identity) == 1 else identity}"
 
 
 def _attached(session: Session, obj: Any) -> Any:

@@ -16,6 +16,7 @@ from pgbroker.testing import sandbox
 from storage_tasks import (ActorNotFound, ActorRequired, InvalidStorageOptions, ResourceGone, ApiKey, AuditEntry, Forbidden, Grant, Storage,
                            StorageResource, StorageVersion, SystemActor, User)
 from storage_tasks.actors import ActorPersister
+from storage_tasks.backends import DiskBackend, StorageUnavailable
 from storage_tasks.models import StagedContent
 from storage_tasks.service import _id
 
@@ -324,3 +325,114 @@ def test_the_actor_persister_is_pluggable(env, database_url, tmp_path):
     (job,) = box.enqueued(task="storage_tasks.process")
     assert job.args[1] == {"email": "ann@example.com"}
     assert drain_all(custom, box)["completed"] == 1 and fresh(engine, doc).status == "ready"
+
+
+class InterruptedDisk(DiskBackend):
+    """A disk backend that runs ``during(resource_id)`` just before each write."""
+
+    during = staticmethod(lambda resource_id: None)
+
+    def store(self, resource_id, content, **kw):
+        self.during(resource_id)
+        return super().store(resource_id, content, **kw)
+
+    def write_version(self, resource_id, content, **kw):
+        self.during(resource_id)
+        return super().write_version(resource_id, content, **kw)
+
+
+@pytest.mark.parametrize("action", ["process", "version"])
+def test_a_resource_deleted_while_its_job_writes_keeps_nothing_of_it(env, tmp_path, action):
+    """The deletion and its cleanup commit and run between the job's checks and its
+    write: the job removes what it wrote and fails with ResourceGone."""
+    storage, box, engine, users = env
+    disk = storage.backends["disk"] = InterruptedDisk(tmp_path / "interrupted")
+    doc = create(storage, engine, users["ann"], backend="disk")
+    drain_all(storage, box)
+    if action == "process":
+        storage.process_storage_async(doc, "second", actor=users["ann"])
+    else:
+        storage.create_version_async(doc, "v2", actor=users["ann"])
+
+    def delete_and_clean_up(resource_id):
+        disk.during = staticmethod(lambda resource_id: None)
+        with Session(engine) as session, session.begin():
+            storage.destroy_resource(session.get(StorageResource, resource_id), actor=users["ann"])
+        assert box.drain(storage.app, "storage_cleanup").completed == 1
+
+    disk.during = staticmethod(delete_and_clean_up)
+    assert drain_all(storage, box)["failed"] == 1
+    assert not (disk.root / str(doc.id)).exists()  # neither `current` nor the version's file came back
+    assert [a[:2] for a in audit(engine)[-2:]] == [("cleanup", "ok"), (action, "resource_gone")]
+    (failed,) = [s for s in storage.get_job_status(doc) if s.action == action and s.state == "discarded"]
+    assert failed.errors[-1]["error"].startswith(f"ResourceGone: storage resource {doc.id} was deleted while")
+
+
+def staged_keys(engine):
+    with Session(engine) as session:
+        return set(session.scalars(select(StagedContent.key)))
+
+
+def test_staged_content_of_jobs_that_never_store_it_is_deleted(env):
+    storage, box, engine, users = env
+    big = b"z" * (storage.inline_limit + 1)
+    doc = create(storage, engine, users["ann"], backend="disk")
+    drain_all(storage, box)
+    with Session(engine) as session, session.begin():
+        session.add(Grant(resource_id=doc.id, user_id=users["bob"].id))
+    forbidden = storage.process_storage_async(doc, big, actor=users["bob"])
+    cancelled = storage.process_storage_async(doc, big, actor=users["ann"], delay=3600)
+    revoked = storage.process_storage_async(doc, big, actor=users["ann"], delay=3600)
+    assert staged_keys(engine) == {forbidden.id, cancelled.id, revoked.id}
+    with Session(engine) as session, session.begin():  # bob loses access: his job fails for good
+        session.execute(Grant.__table__.delete())
+    assert box.drain(storage.app, "storage_processing").failed == 1
+    assert staged_keys(engine) == {cancelled.id, revoked.id}
+    pgjobs.cancel(storage.app, task_ids=[revoked.id])  # cancelled elsewhere (`pgbroker jobs cancel`)
+    assert storage.prune_staged() == 1 and staged_keys(engine) == {cancelled.id}
+    assert storage.cancel_jobs(doc) == 1 and staged_keys(engine) == set()
+
+
+def test_a_job_that_runs_out_of_retries_is_audited_failed(env, database_url, tmp_path):
+    storage, box, engine, users = env
+
+    class Down(DiskBackend):
+        def store(self, *args, **kw):
+            raise StorageUnavailable("disk offline")
+
+    storage.backends["disk"] = Down(tmp_path / "down")
+    doc = create(storage, engine, users["ann"], backend="disk", content=b"q" * (storage.inline_limit + 1))
+    box.drain(storage.app, "storage_processing")  # (inline, Celery runs an eager task's retries at once)
+    (job,) = storage.get_job_status(doc)
+    assert job.state == "discarded" and job.errors[-1]["error"] == "StorageUnavailable: disk offline"
+    assert [a[1] for a in audit(engine)] == ["retrying"] * storage.process_task.max_retries + ["failed"]
+    assert staged_keys(engine) == set()
+
+
+def test_storage_tasks_published_by_name_find_their_queue_and_status(env):
+    """Beat entries and send_task publish without the service: the task's queue and the
+    job meta that get_job_status and cancel_jobs use come from the task itself."""
+    storage, box, engine, users = env
+    doc = create(storage, engine, users["ann"], backend="disk")
+    drain_all(storage, box)
+    stored = ActorPersister().store(users["ann"])
+    sent = storage.app.send_task("storage_tasks.cleanup", (str(doc.id), stored), countdown=3600)
+    (job,) = [s for s in storage.get_job_status(doc) if s.task_id == sent.id]
+    assert (job.queue, job.action, job.actor, job.state) == ("storage_cleanup", "cleanup", stored, "scheduled")
+    assert storage.cancel_jobs(doc) == 1
+
+
+def test_scheduling_as_a_deleted_user_is_actor_not_found_as_in_the_worker(env):
+    storage, box, engine, users = env
+    doc = create(storage, engine, users["ann"], backend="disk")
+    with Session(engine) as session, session.begin():
+        session.add(Grant(resource_id=doc.id, user_id=users["bob"].id))
+        session.add(Grant(resource_id=doc.id, user_id=users["eve"].id))
+        session.get(User, users["bob"].id).deleted_at = datetime.now(timezone.utc)
+    with pytest.raises(ActorNotFound, match=f"user {users['bob'].id} no longer exists"):
+        storage.create_version_async(doc, "v", actor=users["bob"])  # soft-deleted
+    with Session(engine) as session, session.begin():
+        session.execute(Grant.__table__.delete().where(Grant.user_id == users["eve"].id))
+        session.delete(session.get(User, users["eve"].id))
+    with pytest.raises(ActorNotFound, match=f"User {users['eve'].id} no longer exists"):
+        storage.create_version_async(doc, "v", actor=users["eve"])  # deleted for good
