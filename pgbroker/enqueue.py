@@ -405,12 +405,17 @@ def _is_retry(name: str, params: dict) -> bool:
 
 def _foreign_error(db: "Database", caller_identity: tuple, who: str) -> ForeignTransaction:
     mine = db.identity()
+    hint = ""
+    if caller_identity[0] == f"test_{mine[0]}":
+        hint = (f" Under Django's test runner the app's database is {caller_identity[0]!r}: in a "
+                f"TransactionTestCase, point the app at it with pgbroker.testing's "
+                f"sandbox(django_database_url()).")
     return ForeignTransaction(
         f"cannot publish inside the transaction of this {who}: it is connected to database "
         f"{caller_identity[0]!r} (server started {caller_identity[2]}), while the broker "
         f"{db.safe_url} is database {mine[0]!r} (server started {mine[2]}). Jobs can only "
         f"join a transaction of the broker's own database; pass foreign='after_commit' to "
-        f"publish after the commit instead (SQLAlchemy Session and Django only)."
+        f"publish after the commit instead (SQLAlchemy Session and Django only).{hint}"
     )
 
 

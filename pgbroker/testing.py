@@ -31,9 +31,11 @@ from typing import Any, Iterator, Sequence
 from .config import Options, broker_url, conninfo_from_url
 from .db import Database
 from .engine import Outcome, describe, engine_for, error_entry, job_filter
+from .errors import TransactionError
 from .types import Job
 
-__all__ = ["Sandbox", "Enqueued", "Drained", "sandbox", "database_url", "pgbroker_sandbox", "pgbroker_database_url"]
+__all__ = ["Sandbox", "Enqueued", "Drained", "sandbox", "database_url", "django_database_url", "pgbroker_sandbox",
+           "pgbroker_database_url"]
 
 #: Job states that count as enqueued (waiting to run).
 WAITING = ("available", "scheduled", "retryable")
@@ -48,6 +50,22 @@ def database_url() -> str:
     from . import embedded
 
     return embedded.start()
+
+
+def django_database_url(alias: str = "default") -> str:
+    """The URL of the database Django's connection ``alias`` uses now: under Django's
+    test runner, the test database (``test_<NAME>``). A sandbox there lets publishes
+    join Django's transactions (``join_django_atomic``) in a ``TransactionTestCase``."""
+    from urllib.parse import quote, urlencode
+
+    from django.db import connections
+    from psycopg import pq
+
+    libpq = {o.keyword.decode() for o in pq.Conninfo.get_defaults()}
+    params = {k: str(v) for k, v in connections[alias].get_connection_params().items()  # and psycopg's own
+              if k in libpq and v not in (None, "")}
+    dbname = params.pop("dbname", "")
+    return f"postgresql:///{quote(dbname, safe='')}?{urlencode(params)}"  # host may be a socket directory
 
 
 @dataclass(frozen=True)
@@ -233,7 +251,14 @@ def sandbox(url: str | None = None) -> Iterator[Sandbox]:
     finally:
         shutdown(box.db)
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            conn.execute("SET lock_timeout = '5s'")
+            try:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            except psycopg.errors.LockNotAvailable:
+                raise TransactionError(
+                    f"cannot drop the sandbox schema {schema!r}: a transaction that wrote to it is still open "
+                    "(a Django TestCase runs each test in a transaction it never commits). pgbroker.testing "
+                    "reads committed jobs: use a TransactionTestCase") from None
 
 
 try:  # pytest fixtures, when this module is loaded as a plugin

@@ -122,6 +122,16 @@ def test_django_app(database_url, schema, sql, tmp_path):
         worker.stop()
 
 
+def test_django_apps_own_tests_run_with_pgbroker_testing(database_url):
+    """`manage.py test` of the example: Django's test database, a sandbox in it, publishes
+    joining Django's transactions, jobs drained inline."""
+    project = ROOT / "examples" / "django_orders"
+    env = {**os.environ, "DATABASE_URL": database_url}  # Django creates test_<its name> and drops it
+    out = subprocess.run([sys.executable, "manage.py", "test", "orders", "--noinput", "-v", "2"], cwd=project,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Ran 2 tests" in out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 def test_async_orders_example(database_url, schema, sql, tmp_path):
     env = _example_env(database_url, schema, sql, tmp_path)
     out = run_example("orders_async.py", env).stdout

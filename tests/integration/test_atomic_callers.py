@@ -295,3 +295,16 @@ def test_a_caller_on_the_unix_socket_joins_a_broker_reached_over_tcp(app, sql, d
         with pgbroker.atomic(conn):
             kept = app.send_task(TASK)
     assert task_ids(sql) == [kept.id]
+
+
+def test_a_foreign_django_test_database_gets_a_hint(db):
+    """Django's test runner renames the app's database test_<NAME> while the broker URL
+    still names <NAME>: the ForeignTransaction says what to do about it."""
+    from pgbroker.enqueue import _foreign_error
+
+    name, *rest = db.identity()
+    error = _foreign_error(db, (f"test_{name}", *rest), "Django connection")
+    assert isinstance(error, pgbroker.ForeignTransaction)
+    assert f"Django's test runner the app's database is 'test_{name}'" in str(error)
+    assert "sandbox(django_database_url())" in str(error)
+    assert "test runner" not in str(_foreign_error(db, ("other", *rest), "Django connection"))

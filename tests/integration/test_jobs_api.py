@@ -331,6 +331,26 @@ def test_celery_pgbroker_beat_commands_use_the_apps_beat_url(broker_url, transpo
     assert [e.name for e in BeatEntries(db).list()] == ["via-cli"]
 
 
+def test_a_sandbox_left_with_an_uncommitted_publish_says_why_it_cannot_clean_up(database_url):
+    """A Django TestCase's transaction is never committed: the sandbox cannot drop its
+    schema while it is open, and says so instead of waiting for ever."""
+    import psycopg
+
+    from pgbroker.errors import TransactionError
+    from pgbroker.testing import sandbox
+
+    app = Celery("sandboxed", set_as_current=False)
+    app.task(name="s.work")(work)
+    with psycopg.connect(database_url) as conn:  # a caller's transaction, left open
+        with pytest.raises(TransactionError, match="use a TransactionTestCase"):
+            with sandbox(database_url) as box:
+                box.configure(app)
+                with pgbroker.atomic(conn):
+                    app.tasks["s.work"].delay(1)
+                box.refute_enqueued(task="s.work")  # not committed: nobody else sees it
+        conn.rollback()
+
+
 def test_testing_helpers_record_assert_and_drain(database_url):
     from pgbroker.testing import sandbox
 
