@@ -373,7 +373,11 @@ def test_options_are_not_taken_from_whoever_connected_first(broker_url, transpor
     """Two configurations of one database and schema in a process (the job API by URL,
     then an app) each keep their own options: here the app's max_message_size."""
     from pgbroker import jobs
+    from pgbroker.config import conninfo_from_url
+    from pgbroker.schema import migrate
 
+    with psycopg.connect(conninfo_from_url(broker_url), autocommit=True) as conn:
+        migrate(conn, schema)  # `pgbroker migrate`: the job API by URL creates no schema
     assert jobs.count(broker_url, schema=schema) == 0  # default options, connected first
     with Connection(broker_url, transport_options={**transport_options, "max_message_size": 1000}) as conn:
         queue = conn.SimpleQueue("small")
