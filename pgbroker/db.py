@@ -65,12 +65,38 @@ def connection_defaults(conninfo: str, options: Options) -> dict[str, int]:
     return defaults
 
 
+#: Longest wait between two reconnect attempts of a pool (seconds). psycopg's pool
+#: doubles the wait without bound: after a 40 s outage its next attempt could be half a
+#: minute away, and every caller waits for it.
+RECONNECT_MAX_DELAY = 1.0
+
+try:  # psycopg_pool's own backoff, capped (its class lives in a private module)
+    from psycopg_pool.base import AttemptWithBackoff
+
+    class _Attempt(AttemptWithBackoff):
+        def update_delay(self, now: float) -> None:
+            super().update_delay(now)
+            self.delay = min(self.delay, RECONNECT_MAX_DELAY)
+except ImportError:  # pragma: no cover - another psycopg_pool layout: its own backoff applies
+    _Attempt = None
+
+# pgbroker reports a failed connection itself (DatabaseUnavailable, with the reason):
+# psycopg's pool should not also print a warning per attempt when logging is unconfigured.
+logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
+
+
 class _Pool(ConnectionPool):
     """psycopg's pool, remembering why its last connection attempt failed: a caller that
     times out waiting for a connection is told that (a wrong password, a missing
-    database, the server refusing) rather than only that it waited."""
+    database, the server refusing) rather than only that it waited. Reconnect attempts
+    are at most RECONNECT_MAX_DELAY apart."""
 
     last_error: Exception | None = None
+
+    def _add_connection(self, attempt=None, growing: bool = False) -> None:
+        if attempt is None and _Attempt is not None:
+            attempt = _Attempt(timeout=self.reconnect_timeout)
+        super()._add_connection(attempt, growing)
 
     def _connect(self, timeout: float | None = None):
         try:

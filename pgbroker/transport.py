@@ -420,6 +420,11 @@ class Transport(virtual.Transport):
     )
     connection_errors = virtual.Transport.connection_errors + CONNECTION_ERRORS
     channel_errors = virtual.Transport.channel_errors
+    #: Declared, so that kombu's ensure() (publish retries, Celery's too) keeps retrying
+    #: a lost database up to its max_retries instead of giving up after one reconnect:
+    #: reconnecting a pgbroker Connection does not prove the database is back.
+    recoverable_connection_errors = connection_errors
+    recoverable_channel_errors = ()
 
     def __init__(self, client, **kwargs):
         self.options = Options.from_mapping(client.transport_options)

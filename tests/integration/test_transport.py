@@ -13,6 +13,7 @@ from kombu import Connection, Exchange, Queue
 from pgbroker.engine import Outcome
 from pgbroker.errors import MessageTooLarge
 from pgbroker.message import channel_name
+from tests.helpers import wait_for
 
 
 def publish(conn, queue_name, body, exchange="ex", **kwargs):
@@ -433,6 +434,48 @@ def test_a_consumer_facing_a_server_that_never_answers_gets_a_connection_error(b
         if conn is not None:
             with suppress(Exception):
                 conn.release()
+
+
+def test_a_publish_with_a_retry_policy_outlasts_an_outage(broker_url, database_url, transport_options):
+    """kombu's ensure() (publish(retry=True), Celery's publish retries) keeps retrying a
+    lost database up to its max_retries, and the pool reconnects soon after the server
+    is back (its reconnect backoff is capped)."""
+    from contextlib import suppress
+
+    from tests.helpers import TcpProxy, in_thread
+
+    proxy = TcpProxy.in_front_of(database_url)
+    conn = Connection(proxy.route(broker_url), transport_options={**transport_options, "pool_timeout": 1.0})
+    try:
+        q = publish(conn, "outage", "before")
+        proxy.cut()
+        errbacks = []
+        policy = {"max_retries": 60, "interval_start": 0.2, "interval_step": 0, "interval_max": 0.2,
+                  "errback": lambda exc, interval: errbacks.append(exc)}
+        thread, outcome = in_thread(lambda: conn.Producer().publish(
+            "during", exchange=q.exchange, routing_key="outage", retry=True, retry_policy=policy))
+        wait_for(lambda: len(errbacks) >= 3, 30, what="three failed attempts")  # well past one reconnect
+        assert thread.is_alive()
+        proxy.restore()
+        thread.join(30)
+        assert outcome and not isinstance(outcome[0], Exception), outcome
+    finally:
+        proxy.close()
+        with suppress(Exception):
+            conn.release()
+    with Connection(broker_url, transport_options=transport_options) as direct:
+        assert sorted(b for b, _ in consume(direct, q, 2)) == ["before", "during"]
+
+
+def test_pool_reconnect_attempts_stay_at_most_a_second_apart():
+    from pgbroker.db import RECONNECT_MAX_DELAY, _Attempt
+
+    attempt = _Attempt(timeout=300)
+    delays = []
+    for i in range(10):  # psycopg's pool alone: 1, 2, 4, … 512 s
+        attempt.update_delay(float(i))
+        delays.append(attempt.delay)
+    assert max(delays) <= RECONNECT_MAX_DELAY and delays[-1] > 0
 
 
 def test_connections_notice_a_vanished_server_within_a_minute(broker_url, transport_options, schema):
