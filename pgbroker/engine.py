@@ -210,18 +210,24 @@ class JobEngine:
                     r["id"], headers.get("id"), headers.get("task"), r["queue"], r["attempt"], consumer=consumer))
         return claimed
 
-    def take(self, queues: Sequence[str], limit: int) -> list[tuple[dict, str]]:
+    def take(self, queues: Sequence[str], limit: int) -> list[tuple[dict, str, str]]:
         """Like :meth:`claim` for consumers that never acknowledge: the rows are deleted
         as they are delivered (at most once). Messages past their queue's
         x-message-ttl are deleted without being returned; when a whole page was stale,
-        the next page is taken (a fresh message behind expired ones is not missed)."""
+        the next page is taken (a fresh message behind expired ones is not missed).
+        Returns (message, queue, the row as it was: for :meth:`restore`)."""
         while True:
             rows = self.db.fetchall("claim_no_ack", queues=list(queues), limit=limit)
             fresh = [r for r in rows if not r["stale"]]
             if fresh or not rows:
                 break
         fresh.sort(key=lambda r: (-r["priority"], r["id"]))
-        return [(from_row(r), r["queue"]) for r in fresh]
+        return [(from_row(r), r["queue"], r["original"]) for r in fresh]
+
+    def restore(self, originals: Sequence[str]) -> int:
+        """Put rows :meth:`take` returned and nobody received back, as they were."""
+        rows = "[" + ",".join(originals) + "]"
+        return self.db.fetchone("restore_no_ack", rows=rows)["n"]
 
     def requeue(self, job_id: int, attempt: int) -> bool:
         """Make a delivery available again (redelivered); False if it was no longer ours."""

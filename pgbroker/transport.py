@@ -154,6 +154,8 @@ class Channel(virtual.Channel):
         super().__init__(connection, **kwargs)
         self.engine = connection.engine
         self._no_ack_queues: set[str] = set()
+        #: No-ack messages taken (deleted) and not delivered yet: job id -> the row as it was.
+        self._taken: dict[int, str] = {}
         #: The LISTEN channels of the queues this channel consumes.
         self.notify_channels: set[str] = set()
         self._blocked = False  # the last drain found no prefetch room
@@ -318,7 +320,10 @@ class Channel(virtual.Channel):
         """Claim for acknowledging consumers; take (delete on delivery) for no-ack ones."""
         taking = [q for q in queues if q in self._no_ack_queues]
         claiming = [q for q in queues if q not in self._no_ack_queues]
-        deliveries = self.engine.take(taking, limit) if taking else []
+        deliveries = []
+        for payload, queue, original in self.engine.take(taking, limit) if taking else ():
+            self._taken[_job_id(payload)] = original  # until delivered (see give_back)
+            deliveries.append((payload, queue))
         if claiming and len(deliveries) < limit:
             deliveries += self.engine.claim(claiming, limit - len(deliveries), self.connection.owner())
         return deliveries
@@ -392,6 +397,10 @@ class Channel(virtual.Channel):
         job_id, attempt = message.delivery_info["pgbroker_job"]
         self.engine.requeue(job_id, attempt)
         self.connection.wake()
+
+
+def _job_id(payload: dict) -> int:
+    return payload["properties"]["delivery_info"]["pgbroker_job"][0]
 
 
 class Transport(virtual.Transport):
@@ -599,9 +608,11 @@ class Transport(virtual.Transport):
         # and remote control that arrived meanwhile (a revoke of a task further on) goes first.
         looked = monotonic()
         first = self._ready.popleft()
-        self._deliver(first[1], first[2])
         if self._no_ack(first):
+            first[0]._taken.pop(_job_id(first[1]), None)
+            self._deliver(first[1], first[2])
             return
+        self._deliver(first[1], first[2])
         while self._ready and not self._stopping and not self._no_ack(self._ready[0]):
             if monotonic() - looked > CONTROL_CHECK_AFTER:
                 if self._claim_control_first():
@@ -630,15 +641,25 @@ class Transport(virtual.Transport):
 
     def give_back(self, channel: Channel, queue: str | None = None) -> None:
         """Requeue what ``channel`` claimed (for ``queue``) but :meth:`drain_events` has
-        not delivered yet: its consumer is going away. No-ack deliveries are gone."""
+        not delivered yet: its consumer is going away. No-ack messages, which a claim
+        deletes, are put back as they were."""
         keep: deque = deque()
+        taken: list[str] = []
         for item in self._ready:
             ch, payload, q = item
             if ch is not channel or (queue is not None and q != queue):
                 keep.append(item)
-            elif not self._no_ack(item):
+            elif self._no_ack(item):
+                taken.append(channel._taken.pop(_job_id(payload)))
+            else:
                 try:
                     self.engine.requeue(*payload["properties"]["delivery_info"]["pgbroker_job"])
                 except Exception as exc:  # the rescuer takes them back when this connection is gone
                     logger.warning("pgbroker: could not give back a claimed message: %s", exc)
         self._ready = keep
+        if taken:
+            try:
+                self.engine.restore(taken)
+            except Exception as exc:
+                logger.warning("pgbroker: %d no-ack message(s) taken but not delivered are lost: %s",
+                               len(taken), exc)

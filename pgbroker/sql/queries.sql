@@ -645,7 +645,22 @@ DELETE FROM {schema}.jobs AS j USING picked
 WHERE j.id = picked.id
 RETURNING j.id, j.attempt + 1 AS attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
           j.properties::text AS properties, j.body, j.content_type, j.content_encoding,
-          j.inserted_at < now() - (SELECT message_ttl FROM {schema}.queues WHERE name = j.queue) AS stale;
+          j.inserted_at < now() - (SELECT message_ttl FROM {schema}.queues WHERE name = j.queue) AS stale,
+          to_jsonb(j)::text AS original;  -- for restore_no_ack
+
+-- name: restore_no_ack
+-- Put back no-ack messages a consumer took and never delivered (it was cancelled, or
+-- its channel closed, first): the rows as they were, under their own ids, so they keep
+-- their place in the queue; their queues' consumers are woken.
+WITH back AS (
+    INSERT INTO {schema}.jobs OVERRIDING SYSTEM VALUE
+    SELECT * FROM jsonb_populate_recordset(NULL::{schema}.jobs, %(rows)s::jsonb)
+    ON CONFLICT DO NOTHING
+    RETURNING queue
+), woke AS (
+    SELECT pg_notify({schema}.notify_channel(queue), '') FROM (SELECT DISTINCT queue FROM back) q
+)
+SELECT (SELECT count(*) FROM back) AS n, (SELECT count(*) FROM woke) AS woke;
 
 -- name: exchange_declare
 -- The first declaration's type stands (a broker refuses a different one).

@@ -104,6 +104,25 @@ def test_jobs_scheduled_for_later_wake_the_stager_only_when_it_would_sleep_past_
         shutdown(consumer.transport.database)
 
 
+def test_a_no_ack_consumer_going_away_puts_back_what_it_did_not_receive(connection, sql):
+    """A no-ack claim deletes a page of messages but delivers one per drain_events call:
+    cancelling the consumer (or closing its channel) puts the rest back, in order."""
+    for i in range(20):
+        q = publish(connection, "noack", i, priority=9 if i == 7 else 0)
+    got = []
+    consumer = connection.Consumer(q, no_ack=True, callbacks=[lambda body, m: got.append(body)])
+    consumer.consume()
+    connection.drain_events(timeout=5)
+    consumer.cancel()
+    assert got == [7]
+    assert [r["state"] for r in jobs(sql)] == ["available"] * 19
+    with connection.SimpleQueue(q, no_ack=True) as simple:  # get one, then close
+        assert simple.get(timeout=5).payload == 0
+    with connection.SimpleQueue(q, no_ack=True) as simple:
+        assert [simple.get(timeout=5).payload for _ in range(18)] == [i for i in range(1, 20) if i != 7]
+    assert jobs(sql) == []
+
+
 def test_claims_are_sized_by_prefetch(connection, sql):
     for i in range(10):
         q = publish(connection, "pf", i)
