@@ -309,7 +309,7 @@ def scheduled(state, **kwargs):
 
 class WorkerHooks(bootsteps.StartStopStep):
     """Consumer step: outcomes that only the worker's main process sees, and the
-    :class:`PoolGate` of a prefork pool.
+    :class:`PoolGate` of a prefork or threads pool.
 
     * Success: the pool hands each result back to the main process, which
       records ``completed`` (batched with the acks) instead of every pool child
@@ -327,8 +327,7 @@ class WorkerHooks(bootsteps.StartStopStep):
         super().__init__(c, **kwargs)
         self.gate = None
         _consumers.add(c)
-        if c.pool is not None and getattr(c.pool, "uses_semaphore", False) and c.controller is not None \
-                and not c.controller.use_eventloop:
+        if c.pool is not None and _gated(c.pool) and c.controller is not None and not c.controller.use_eventloop:
             self.gate = PoolGate(c)
             c.on_task_request = self.gate.process_task
         if c.pool is not None:
@@ -364,8 +363,19 @@ class WorkerHooks(bootsteps.StartStopStep):
             self.gate.waiting.clear()
 
 
+def _gated(pool) -> bool:
+    """Whether requests should wait in a :class:`PoolGate` for this pool: prefork (see
+    there), and threads, whose executor would otherwise queue every prefetched request
+    out of the worker's reach: after a lost connection gave their jobs back to the
+    queue, they still ran, and ran again when claimed anew."""
+    from celery.concurrency.thread import TaskPool as ThreadsPool
+
+    return getattr(pool, "uses_semaphore", False) or isinstance(pool, ThreadsPool)
+
+
 class PoolGate:
-    """Hands task requests to a prefork pool only while one of its processes is free.
+    """Hands task requests to a prefork or threads pool only while one of its processes
+    (threads) is free.
 
     Celery's event loop does this with a semaphore; its blocking loop, which workers
     on pgbroker run, relies instead on the pool blocking the main thread until a

@@ -206,6 +206,27 @@ def test_worker_survives_database_connections_dropped(celery_app, start_worker, 
     assert sorted(e["key"] for e in effects(sql) if e["key"].startswith("after")) == [f"after{i}" for i in range(5)]
 
 
+def test_threads_worker_runs_no_task_twice_after_a_lost_connection(celery_app, start_worker, sql):
+    """Early-acknowledged tasks: requests prefetched behind busy threads are not
+    acknowledged yet; when the connection
+    is lost their jobs go back to the queue, so the worker must drop them too (they
+    wait in pgbroker's gate, not in the pool's executor), or they run twice."""
+    m = celery_app
+    start_worker(pool="threads", concurrency=2)
+    ids = [m.gated_early.delay(f"g{i}").id for i in range(6)]
+    wait_for(lambda: len(effects(sql, what="started")) == 2, 30, what="two tasks started")
+    wait_for(lambda: sql("SELECT count(*) AS n FROM {schema}.jobs WHERE state = 'executing'")[0]["n"] == 6, 30,
+             what="the other four prefetched")
+    sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND query NOT LIKE '%%gates%%'")  # the worker's, not the tasks' own
+    wait_for(lambda: sql("SELECT count(*) AS n FROM {schema}.jobs WHERE state = 'executing' AND attempt = 2")[0]["n"]
+             == 4, 60, what="the four given back and claimed again")
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    wait_states(sql, ids, timeout=90)
+    started = sorted(e["key"] for e in effects(sql, what="started"))
+    assert started == [f"g{i}" for i in range(6)], started
+
+
 def test_celery_purge(celery_app, sql, worker_env):
     import subprocess
     import sys

@@ -97,6 +97,12 @@ def gated(key):
     return key
 
 
+@app.task
+def gated_early(key):
+    """``gated``, acknowledged when it starts (Celery's default)."""
+    return gated(key)
+
+
 @app.task(bind=True)
 def reports_progress(self, key):
     """Store a PROGRESS state, then wait for the gate like ``gated``."""
