@@ -79,7 +79,8 @@ def _schema(ctx, param, value):
     option, else pgbroker; validated here, so no command reaches the database with a bad one."""
     if value is None:
         app = getattr(ctx.find_root().obj, "app", None)
-        value = (app.conf.broker_transport_options or {}).get("schema") if app is not None else None
+        options = (app.conf.broker_transport_options or {}) if app is not None else {}
+        value = options.get("schema") or options.get("prefix")  # the transport's alias
     try:
         return validate_schema(value or "pgbroker")
     except InvalidName as exc:

@@ -6,6 +6,7 @@ Celery's own options through the same dict), bad values raise ConfigurationError
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
@@ -158,21 +159,34 @@ class Options:
             raise ConfigurationError(f"synchronous_commit={self.synchronous_commit!r} is not a Postgres value")
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _coerce(name: str, type_: Any, value: Any) -> Any:
     kind = str(type_)
     try:
         if kind == "bool":
             if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
+                word = value.strip().lower()
+                if word not in _BOOLEANS:
+                    raise ValueError(f"not a boolean (one of {', '.join(sorted(_BOOLEANS))})")
+                return _BOOLEANS[word]
             return bool(value)
         if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")
             return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "float | None":
-            if isinstance(value, str) and value.strip().lower() in ("never", "none", ""):
-                return None
-            return float(value)
+        if kind in ("float", "float | None"):
+            if kind == "float | None" and isinstance(value, str) and value.strip().lower() in ("never", "none", ""):
+                if name.startswith("prune_") or value.strip().lower() != "never":
+                    return None
+                raise ValueError("'never' is for the prune_*_after options")
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError("not a finite number")
+            return number
+        if name == "synchronous_commit":
+            return str(value).lower()
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"transport option {name}={value!r}: {exc}") from None

@@ -437,7 +437,9 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs):
         self.options = Options.from_mapping(client.transport_options)
-        client.transport_options.setdefault("polling_interval", self.options.polling_interval)
+        # kombu and Celery read it too (as a number: a string given in the settings
+        # would break Celery's mingle); ours is validated and coerced.
+        client.transport_options["polling_interval"] = self.options.polling_interval
         _task.install()  # apply_async(unique=..., max_attempts=..., meta=...) and task options
         super().__init__(client, **kwargs)
         self.database = Database.get(conninfo_from_url(client.hostname), self.options)

@@ -315,6 +315,10 @@ def test_celery_pgbroker_commands_use_the_apps_schema(app, schema):
     assert out.exit_code == 0, out.output
     status = json.loads(out.output)
     assert status["schema"] == schema and status["jobs"]["available"] == 1
+    options = dict(app.conf.broker_transport_options)
+    app.conf.broker_transport_options = {**{k: v for k, v in options.items() if k != "schema"}, "prefix": schema}
+    out = CliRunner().invoke(celery_command, ["status", "--json"], obj=SimpleNamespace(app=app))  # the alias
+    assert out.exit_code == 0 and json.loads(out.output)["schema"] == schema, out.output
 
 
 def test_celery_pgbroker_beat_commands_use_the_apps_beat_url(broker_url, transport_options, db):

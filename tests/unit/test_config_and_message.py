@@ -56,6 +56,22 @@ def test_options_validate_early():
             Options.from_mapping(bad)
 
 
+@pytest.mark.parametrize("bad", [
+    {"heartbeat_interval": "nan"}, {"polling_interval": float("nan")}, {"routing_cache_ttl": "inf"},
+    {"auto_migrate": "flase"}, {"rescue_batch_size": 2.9}, {"rescue_interval": "never"},
+])
+def test_options_refuse_values_that_would_silently_mean_something_else(bad):
+    with pytest.raises(ConfigurationError, match=next(iter(bad))):
+        Options.from_mapping(bad)
+
+
+def test_options_read_the_spellings_postgres_and_settings_files_use():
+    o = Options.from_mapping({"synchronous_commit": "OFF", "auto_migrate": "no", "rescue_batch_size": 3.0,
+                              "prune_completed_after": "never", "polling_interval": "2"})
+    assert (o.synchronous_commit, o.auto_migrate, o.rescue_batch_size, o.prune_completed_after,
+            o.polling_interval) == ("off", False, 3, None, 2.0)
+
+
 def test_names():
     for name in ["celery", "q'uote", "semi;colon", "drop table x; --", "é🚀队列", "x" * 200]:
         assert validate_name("queue", name) == name
