@@ -74,6 +74,11 @@ _KEEP = object()
 _RANK = {"acked": 1, "completed": 2, "discarded": 2, "cancelled": 2, "snoozed": 2}
 
 
+#: The columns of a no-ack row that :meth:`JobEngine.restore` puts back.
+_RESTORED = ("id", "task_id", "queue", "task", "priority", "attempt", "max_attempts", "redelivered", "scheduled_at",
+             "expires_at", "inserted_at", "headers", "properties", "body", "content_type", "content_encoding", "meta")
+
+
 class JobEngine:
     """Operations on one schema's jobs, queues and consumers."""
 
@@ -222,12 +227,13 @@ class JobEngine:
             if fresh or not rows:
                 break
         fresh.sort(key=lambda r: (-r["priority"], r["id"]))
-        return [(from_row(r), r["queue"], r["original"]) for r in fresh]
+        return [(from_row(r), r["queue"], r) for r in fresh]
 
-    def restore(self, originals: Sequence[str]) -> int:
+    def restore(self, rows: Sequence[dict]) -> int:
         """Put rows :meth:`take` returned and nobody received back, as they were."""
-        rows = "[" + ",".join(originals) + "]"
-        return self.db.fetchone("restore_no_ack", rows=rows)["n"]
+        columns = {c: [r[c] for r in rows] for c in _RESTORED}
+        columns["attempt"] = [a - 1 for a in columns["attempt"]]  # the take counted a delivery
+        return self.db.fetchone("restore_no_ack", **columns)["n"]
 
     def requeue(self, job_id: int, attempt: int) -> bool:
         """Make a delivery available again (redelivered); False if it was no longer ours."""

@@ -155,7 +155,7 @@ class Channel(virtual.Channel):
         self.engine = connection.engine
         self._no_ack_queues: set[str] = set()
         #: No-ack messages taken (deleted) and not delivered yet: job id -> the row as it was.
-        self._taken: dict[int, str] = {}
+        self._taken: dict[int, dict] = {}
         #: The LISTEN channels of the queues this channel consumes.
         self.notify_channels: set[str] = set()
         self._blocked = False  # the last drain found no prefetch room
@@ -646,7 +646,7 @@ class Transport(virtual.Transport):
         not delivered yet: its consumer is going away. No-ack messages, which a claim
         deletes, are put back as they were."""
         keep: deque = deque()
-        taken: list[str] = []
+        taken: list[dict] = []
         for item in self._ready:
             ch, payload, q = item
             if ch is not channel or (queue is not None and q != queue):

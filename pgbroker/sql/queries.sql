@@ -646,17 +646,26 @@ WHERE j.id = picked.id
 RETURNING j.id, j.attempt + 1 AS attempt, j.queue, j.priority, j.redelivered, j.headers::text AS headers,
           j.properties::text AS properties, j.body, j.content_type, j.content_encoding,
           j.inserted_at < now() - (SELECT message_ttl FROM {schema}.queues WHERE name = j.queue) AS stale,
-          to_jsonb(j)::text AS original;  -- for restore_no_ack
+          -- and what restore_no_ack needs besides (small columns: the message is above)
+          j.task_id, j.task, j.max_attempts, j.scheduled_at, j.expires_at, j.inserted_at, j.meta::text AS meta;
 
 -- name: restore_no_ack
 -- Put back no-ack messages a consumer took and never delivered (it was cancelled, or
 -- its channel closed, first): the rows as they were, under their own ids, so they keep
 -- their place in the queue; their queues' consumers are woken.
 WITH back AS (
-    INSERT INTO {schema}.jobs OVERRIDING SYSTEM VALUE
-    SELECT * FROM jsonb_populate_recordset(NULL::{schema}.jobs, %(rows)s::jsonb)
+    INSERT INTO {schema}.jobs AS j (id, task_id, queue, task, priority, attempt, max_attempts, redelivered,
+                                    scheduled_at, expires_at, inserted_at, headers, properties, body,
+                                    content_type, content_encoding, meta)
+    OVERRIDING SYSTEM VALUE
+    SELECT * FROM unnest(
+        %(id)s::bigint[], %(task_id)s::text[], %(queue)s::text[], %(task)s::text[], %(priority)s::smallint[],
+        %(attempt)s::integer[], %(max_attempts)s::integer[], %(redelivered)s::boolean[],
+        %(scheduled_at)s::timestamptz[], %(expires_at)s::timestamptz[], %(inserted_at)s::timestamptz[],
+        %(headers)s::jsonb[], %(properties)s::jsonb[], %(body)s::text[], %(content_type)s::text[],
+        %(content_encoding)s::text[], %(meta)s::jsonb[])
     ON CONFLICT DO NOTHING
-    RETURNING queue
+    RETURNING j.queue
 ), woke AS (
     SELECT pg_notify({schema}.notify_channel(queue), '') FROM (SELECT DISTINCT queue FROM back) q
 )
