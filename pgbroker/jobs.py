@@ -29,7 +29,7 @@ from .engine import _KEEP, JobEngine, engine_for
 from .errors import InvalidJobOption
 from .types import Job
 
-__all__ = ["get", "list", "count", "retry", "cancel", "Cancelled", "queues", "pause", "resume", "limit", "status",
+__all__ = ["get", "get_many", "list", "count", "retry", "cancel", "Cancelled", "queues", "pause", "resume", "limit", "status",
            "parse_rate"]
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -60,6 +60,11 @@ def get(source: Any, task_id: str, schema: str | None = None) -> Job | None:
     there is none (never published, or pruned)."""
     found = _engine(source, schema).jobs([task_id])
     return found[0] if found else None
+
+
+def get_many(source: Any, task_ids: Sequence[str], schema: str | None = None) -> builtins.list[Job]:
+    """The jobs of these Celery task ids, in one query (those that exist)."""
+    return _engine(source, schema).jobs(builtins.list(task_ids))
 
 
 def list(source: Any, state: str | Sequence[str] | None = None, queue: str | None = None, task: str | None = None,

@@ -27,6 +27,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 from celery.app.defaults import DEFAULTS
+from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.worker import control as _control
 from celery.exceptions import Retry, TaskRevokedError
 from celery.worker.request import Request
@@ -368,8 +369,6 @@ def _gated(pool) -> bool:
     there), and threads, whose executor would otherwise queue every prefetched request
     out of the worker's reach: after a lost connection gave their jobs back to the
     queue, they still ran, and ran again when claimed anew."""
-    from celery.concurrency.thread import TaskPool as ThreadsPool
-
     return getattr(pool, "uses_semaphore", False) or isinstance(pool, ThreadsPool)
 
 

@@ -243,8 +243,9 @@ class Storage:
         delete their own; run this now and then (a beat entry) for the rest. The count."""
         with Session(self.engine) as session:
             keys = session.scalars(select(StagedContent.key)).all()
-        waiting = ("available", "scheduled", "executing", "retryable")
-        orphans = [key for key in keys if (job := pgjobs.get(self.app, key)) is None or job.state.value not in waiting]
+        waiting = {j.task_id for j in pgjobs.get_many(self.app, keys)
+                   if j.state.value in ("available", "scheduled", "executing", "retryable")}
+        orphans = [key for key in keys if key not in waiting]
         with Session(self.engine) as session, session.begin():
             session.execute(StagedContent.__table__.delete().where(StagedContent.key.in_(orphans)))
         return len(orphans)

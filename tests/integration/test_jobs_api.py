@@ -53,6 +53,7 @@ def test_per_call_options_land_on_the_job(app):
         "emails", 7, "scheduled", 9, {"tenant": 3})
     assert 55 < (job.scheduled_at - job.inserted_at).total_seconds() <= 60
     assert jobs.get(app, task.delay(2).id).max_attempts == 3  # the task's max_retries + 1
+    assert [j.task_id for j in jobs.get_many(app, [r.id, "no-such-task"])] == [r.id]
     with pytest.raises(InvalidJobOption, match="max_attempts"):
         task.apply_async((3,), max_attempts=-1)
     assert jobs.count(app) == 2  # the refused publish stored nothing
