@@ -36,16 +36,11 @@ def _connect(url: str | None, schema: str):
 
 
 def _engine(url: str | None, schema: str):
-    """The job engine of an existing schema: only ``migrate`` creates or upgrades one, so
-    a mistyped --schema is reported instead of created."""
-    from .config import Options
-    from .db import Database
-    from .engine import engine_for
+    """The job engine of an existing schema (the job API given a URL creates none: only
+    ``migrate`` does, so a mistyped --schema is reported instead of created)."""
+    from .jobs import _engine as engine_of
 
-    db = Database.get(conninfo_from_url(url or os.environ.get("PGBROKER_URL")),
-                      Options(schema=schema, auto_migrate=False))
-    db.ensure_ready()
-    return engine_for(db)
+    return engine_of(url or os.environ.get("PGBROKER_URL") or "", schema)
 
 
 def _commands(get_url, get_beat_url=None):
