@@ -21,6 +21,7 @@ __all__ = [
     "Job",
     "Options",
     "install_sql",
+    "grant_sql",
     "migrate",
     "PgBrokerError",
     "MessageTooLarge",
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidMessage",
     "DatabaseUnavailable",
     "SchemaNotReady",
+    "PermissionDenied",
     "ConfigurationError",
     "TransactionError",
     "ForeignTransaction",
@@ -51,6 +53,7 @@ _LAZY = {
     "Job": "pgbroker.types",
     "Options": "pgbroker.config",
     "install_sql": "pgbroker.schema",
+    "grant_sql": "pgbroker.schema",
     "migrate": "pgbroker.schema",
     "PgBrokerError": "pgbroker.errors",
     "MessageTooLarge": "pgbroker.errors",
@@ -58,6 +61,7 @@ _LAZY = {
     "InvalidMessage": "pgbroker.errors",
     "DatabaseUnavailable": "pgbroker.errors",
     "SchemaNotReady": "pgbroker.errors",
+    "PermissionDenied": "pgbroker.errors",
     "ConfigurationError": "pgbroker.errors",
     "TransactionError": "pgbroker.errors",
     "ForeignTransaction": "pgbroker.errors",
@@ -81,10 +85,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import JobEngine
     from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidJobOption,
                          InvalidMessage, InvalidName, InvalidSchedule, InvalidSnooze, InvalidState, InvalidUnique,
-                         MessageTooLarge, NotInTransaction, PgBrokerError, SchemaNotReady, TransactionError,
+                         MessageTooLarge, NotInTransaction, PermissionDenied, PgBrokerError, SchemaNotReady, TransactionError,
                          TransactionFailed, UniqueKeyBusy)
     from .task import Task
-    from .schema import install_sql, migrate
+    from .schema import grant_sql, install_sql, migrate
     from .types import Job, JobState
 
 

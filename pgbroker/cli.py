@@ -51,12 +51,43 @@ def _commands(get_url, get_beat_url=None):
     @_failing_cleanly
     def migrate(ctx, schema, target):
         """Apply pgbroker's schema migrations (idempotent, safe to run concurrently)."""
+        import psycopg
+
         from .schema import LATEST, current_version, migrate as run
 
         with _connect(get_url(ctx), schema) as conn:
-            applied = run(conn, schema, target)
+            try:
+                applied = run(conn, schema, target)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise click.ClickException(
+                    f"{str(exc).strip()}: creating or upgrading schema {schema} needs its owner "
+                    "(or CREATE on the database the first time); run migrate as that role"
+                ) from None
             version = current_version(conn, schema)
         click.echo(f"schema {schema}: applied {applied or 'nothing'}; now at version {version} (latest {LATEST})")
+
+    @click.command()
+    @SCHEMA_OPTION
+    @click.argument("role")
+    @click.option("--sql", "print_sql", is_flag=True, help="Print the statements instead of running them.")
+    @click.pass_context
+    @_failing_cleanly
+    def grant(ctx, schema, role, print_sql):
+        """Let ROLE use the schema (publish, work, beat, job API) without owning it.
+
+        Run as the schema's owner, after migrate; tables added by later migrations
+        are granted too (default privileges of the role that runs this)."""
+        from .schema import current_version, grant_sql
+
+        statements = grant_sql(schema, role)
+        if print_sql:
+            click.echo(statements)
+            return
+        with _connect(get_url(ctx), schema) as conn:
+            if not current_version(conn, schema):
+                raise click.ClickException(f"schema {schema} has no pgbroker tables: run migrate first")
+            conn.execute(statements)
+        click.echo(f"schema {schema}: {role} may now use it")
 
     @click.command("install-sql")
     @SCHEMA_OPTION
@@ -66,7 +97,7 @@ def _commands(get_url, get_beat_url=None):
 
         click.echo(sql(schema))
 
-    return [migrate, install_sql, _queues_group(get_url), _jobs_group(get_url), _status(get_url),
+    return [migrate, install_sql, grant, _queues_group(get_url), _jobs_group(get_url), _status(get_url),
             _beat_group(get_beat_url or get_url)]
 
 def _schema(ctx, param, value):

@@ -24,7 +24,7 @@ from psycopg_pool import ConnectionPool
 from . import enqueue as _enqueue
 from . import schema as _schema
 from .config import Options, conninfo_from_url, mask_url
-from .errors import DatabaseUnavailable, SchemaNotReady
+from .errors import DatabaseUnavailable, PermissionDenied, SchemaNotReady
 from .sql import queries
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,15 @@ class Database:
                         logger.info("pgbroker: applied migrations %s to %s", applied, self.safe_url)
             self._ready = True
 
+    def _denied(self, exc: psycopg.Error) -> PermissionDenied:
+        role = conninfo_to_dict(self.conninfo).get("user") or os.environ.get("PGUSER") or "this role"
+        schema = self.options.schema
+        return PermissionDenied(
+            f"{role} may not use schema {schema!r} in {self.safe_url} ({str(exc).strip()}): "
+            f"run `pgbroker migrate --schema {schema}` as the schema's owner, then "
+            f"`pgbroker grant --schema {schema} {role}` (README: Roles and grants)"
+        )
+
     # -- statements ----------------------------------------------------------------------------
 
     @contextmanager
@@ -227,6 +236,8 @@ class Database:
                 yield conn
         except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
             raise  # a statement or lock timeout, or a cancel: the statement's fate, not an outage
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise self._denied(exc) from exc
         except psycopg.OperationalError as exc:
             # After a server restart every idle pooled connection is dead: replace them
             # now so that the caller's retry (kombu's, Celery's) gets a working one.

@@ -82,6 +82,12 @@ class SchemaNotReady(PgBrokerError):
     """The database has no (or an older) pgbroker schema and auto-migration is off."""
 
 
+class PermissionDenied(PgBrokerError):
+    """The database role lacks a privilege on pgbroker's schema: usually a role that was
+    never granted its use (``pgbroker grant ROLE``), or one left to migrate a schema it
+    cannot create in (run ``pgbroker migrate`` as the schema's owner)."""
+
+
 class TransactionError(PgBrokerError):
     """Publishing inside a caller's transaction (``pgbroker.atomic``) is not possible."""
 

@@ -16,6 +16,7 @@ from importlib.resources import files
 import psycopg
 
 from ..config import validate_schema
+from ..errors import InvalidName
 
 _FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -70,15 +71,44 @@ def install_sql(schema: str = "pgbroker") -> str:
     return "\n".join(parts)
 
 
-def current_version(conn: psycopg.Connection, schema: str) -> int:
-    """The highest applied migration, 0 for a database without pgbroker."""
+def applied_versions(conn: psycopg.Connection, schema: str) -> set[int]:
+    """The migrations recorded in ``schema`` (none for a database without pgbroker)."""
     validate_schema(schema)
     row = conn.execute(
         "SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".migrations',)
     ).fetchone()
     if not row[0]:
-        return 0
-    return conn.execute(render("SELECT coalesce(max(version), 0) FROM {schema}.migrations", schema)).fetchone()[0]
+        return set()
+    return {r[0] for r in conn.execute(render("SELECT version FROM {schema}.migrations", schema))}
+
+
+_GRANTS = """
+GRANT USAGE ON SCHEMA {schema} TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role};
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {role};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};
+ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT EXECUTE ON FUNCTIONS TO {role};
+"""
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier (any role name Postgres accepts)."""
+    if not name or "\x00" in name:
+        raise InvalidName(f"invalid role name {name!r}")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def grant_sql(schema: str, role: str) -> str:
+    """What ``role`` needs to run producers, workers, beat and the job API on ``schema``
+    (no DDL: it cannot create or migrate the schema). Run it as the schema's owner, the
+    role that runs ``pgbroker migrate``: its default privileges then cover the tables
+    that later migrations add."""
+    return render(_GRANTS, schema).replace("{role}", quote_ident(role))
+
+
+def current_version(conn: psycopg.Connection, schema: str) -> int:
+    """The highest applied migration, 0 for a database without pgbroker."""
+    return max(applied_versions(conn, schema), default=0)
 
 
 def migrate(conn: psycopg.Connection, schema: str = "pgbroker", target: int | None = None) -> list[int]:
@@ -86,17 +116,19 @@ def migrate(conn: psycopg.Connection, schema: str = "pgbroker", target: int | No
 
     Runs in its own transaction on ``conn`` (which must not be inside one), holding
     ``pg_advisory_xact_lock`` keyed by the schema so that only one process migrates.
+    A schema that is already up to date is only read: a role that may use the schema
+    but not create in the database (see :func:`grant_sql`) can run this on every deploy.
     """
-    validate_schema(schema)
+    wanted = [m for m in migrations() if target is None or m.version <= target]
+    if {m.version for m in wanted} <= applied_versions(conn, schema):
+        return []
     applied: list[int] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgbroker.migrate.{schema}",))
         conn.execute(render(_PREAMBLE, schema))
-        done = {
-            r[0] for r in conn.execute(render("SELECT version FROM {schema}.migrations", schema))
-        }
-        for m in migrations():
-            if m.version in done or (target is not None and m.version > target):
+        done = applied_versions(conn, schema)
+        for m in wanted:
+            if m.version in done:
                 continue
             conn.execute(render(m.sql, schema))
             conn.execute(
