@@ -12,6 +12,7 @@ import math
 import os
 import select
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from . import enqueue as _enqueue
 from . import schema as _schema
@@ -85,6 +86,11 @@ except ImportError:  # pragma: no cover - another psycopg_pool layout: its own b
 logging.getLogger("psycopg.pool").addHandler(logging.NullHandler())
 
 
+#: How often a caller waiting for a pooled connection looks whether a connection
+#: attempt failed meanwhile (then it gives up at once: see _Pool.getconn).
+FAIL_FAST_CHECK = 0.1
+
+
 class _Pool(ConnectionPool):
     """psycopg's pool, remembering why its last connection attempt failed: a caller that
     times out waiting for a connection is told that (a wrong password, a missing
@@ -92,6 +98,27 @@ class _Pool(ConnectionPool):
     are at most RECONNECT_MAX_DELAY apart."""
 
     last_error: Exception | None = None
+    failed_at = -math.inf
+
+    def getconn(self, timeout: float | None = None) -> psycopg.Connection:
+        """A connection, waiting up to ``timeout`` (default: the pool's) for one, but not
+        after a connection attempt made meanwhile failed for a reason other than the
+        server's lack of room (too many connections: then a busy connection may still
+        come back). A wrong port, host or password, or a server that is down, then fails
+        in about a reconnect interval instead of the whole ``pool_timeout``."""
+        started = time.monotonic()
+        deadline = started + (self.timeout if timeout is None else timeout)
+        while True:
+            wait = deadline - time.monotonic()
+            try:
+                return super().getconn(timeout=max(0.0, min(wait, FAIL_FAST_CHECK)))
+            except PoolTimeout:
+                error = self.last_error
+                if wait <= FAIL_FAST_CHECK or (
+                    self.failed_at > started and error is not None
+                    and not (getattr(error, "sqlstate", None) or "").startswith("53")
+                ):
+                    raise PoolTimeout(f"couldn't get a connection after {time.monotonic() - started:.2f} sec") from None
 
     def _add_connection(self, attempt=None, growing: bool = False) -> None:
         if attempt is None and _Attempt is not None:
@@ -102,7 +129,7 @@ class _Pool(ConnectionPool):
         try:
             conn = super()._connect(timeout)
         except Exception as exc:
-            self.last_error = exc
+            self.last_error, self.failed_at = exc, time.monotonic()
             raise
         self.last_error = None
         return conn

@@ -1,6 +1,7 @@
 """The kombu transport and the job engine against a real Postgres (no Celery worker)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -484,6 +485,46 @@ def test_a_publish_with_a_retry_policy_outlasts_an_outage(broker_url, database_u
             conn.release()
     with Connection(broker_url, transport_options=transport_options) as direct:
         assert sorted(b for b, _ in consume(direct, q, 2)) == ["before", "during"]
+
+
+def test_a_refused_connection_fails_each_attempt_without_waiting_out_pool_timeout(schema):
+    """A wrong port (or a server that is down) is reported once a connection attempt
+    failed, not after pool_timeout: kombu's and Celery's retries then run at their pace."""
+    from pgbroker.config import Options
+    from pgbroker.db import Database
+    from pgbroker.errors import DatabaseUnavailable
+
+    db = Database("postgresql://pgbroker@127.0.0.1:1/nowhere", Options(schema=schema, pool_timeout=60))
+    try:
+        for _ in range(3):  # the first attempt, then the pool's reconnects (at most 1 s apart)
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="Connection refused"):
+                db.ensure_ready()
+            assert time.monotonic() - started < 20  # not the 60 s pool_timeout
+    finally:
+        db.close()
+
+
+def test_a_busy_pool_waits_for_a_connection_to_come_back(db):
+    """No attempt failed: a caller waits (past the fail-fast checks) for a busy connection."""
+    from tests.helpers import in_thread
+
+    small = type(db)(db.conninfo, dataclasses.replace(db.options, pool_min_size=1, pool_max_size=1))
+
+    def borrow():
+        with small.connection() as conn:
+            return conn.execute("SELECT 7").fetchone()[0]
+
+    try:
+        with small.connection() as held:
+            thread, got = in_thread(borrow)
+            wait_for(lambda: small.pool.get_stats().get("requests_waiting"), what="a waiting caller")
+            wait_for(lambda: small.pool.get_stats().get("requests_num", 0) >= 5, what="several fail-fast checks")
+            held.execute("SELECT 1")
+        thread.join(10)
+        assert got == [7]
+    finally:
+        small.close()
 
 
 def test_pool_reconnect_attempts_stay_at_most_a_second_apart():
