@@ -334,15 +334,19 @@ def _jobs_group(get_url):
     @_admin(jobs, "retry")
     @click.argument("task_ids", nargs=-1, required=True)
     def retry(ctx, task_ids, schema, as_json):
-        """Run discarded or cancelled jobs once more, now."""
+        """Run discarded or cancelled jobs once more, now (jobs in other states are left
+        as they are; an unknown task id is an error)."""
         api, engine = _api(get_url, ctx, schema)
         retried = api.retry(engine, task_ids)
+        left = {job.task_id: job.state.value for job in api.get_many(engine, set(task_ids) - set(retried))}
+        unknown = sorted(set(task_ids) - set(retried) - set(left))
         if as_json:
-            click.echo(json.dumps({"retried": retried}))
-            return
-        skipped = sorted(set(task_ids) - set(retried))
-        click.echo(f"retried {len(retried)} job(s)" + (f"; not discarded or cancelled: {', '.join(skipped)}"
-                                                         if skipped else ""))
+            click.echo(json.dumps({"retried": retried, "left": left, "unknown": unknown}))
+        else:
+            click.echo(f"retried {len(retried)} job(s)" + "".join(
+                f"; left {task_id} ({state})" for task_id, state in sorted(left.items())))
+        if unknown:  # a mistyped id, or a job pruned since
+            raise click.ClickException(f"no job for task id {', '.join(unknown)} (never published, or pruned)")
 
     @_admin(jobs, "cancel")
     @click.argument("task_ids", nargs=-1)

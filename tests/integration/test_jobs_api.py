@@ -272,7 +272,11 @@ def test_cli_jobs_queues_and_status(app, database_url, schema):
     assert "other" in run(main, base + ["queues", "--schema", schema]).output
     out = run(main, base + ["jobs", "cancel", "--queue", "other", "--schema", schema])
     assert out.exit_code == 0 and "cancelled 1 waiting job(s); revoked 0" in out.output, out.output
-    assert json.loads(run(main, base + ["jobs", "retry", r.id, "--schema", schema, "--json"]).output) == {"retried": []}
+    assert json.loads(run(main, base + ["jobs", "retry", r.id, "--schema", schema, "--json"]).output) == {
+        "retried": [], "left": {r.id: "available"}, "unknown": []}
+    typo = run(main, base + ["jobs", "retry", r.id, "no-such-id", "--schema", schema])
+    assert typo.exit_code == 1, typo.output
+    assert f"left {r.id} (available)" in typo.output and "no job for task id no-such-id" in typo.output
     status = json.loads(run(main, base + ["status", "--schema", schema, "--json"]).output)
     assert status["jobs"]["cancelled"] == 1 and status["paused"] == ["other"] and status["version"] == status["latest"]
     bad = run(main, base + ["jobs", "ls", "--state", "finished", "--schema", schema])
