@@ -102,7 +102,7 @@ class _Pool(ConnectionPool):
 
     def getconn(self, timeout: float | None = None) -> psycopg.Connection:
         """A connection, waiting up to ``timeout`` (default: the pool's) for one, but not
-        after a connection attempt made meanwhile failed for a reason other than the
+        after a connection attempt begun meanwhile failed for a reason other than the
         server's lack of room (too many connections: then a busy connection may still
         come back). A wrong port, host or password, or a server that is down, then fails
         in about a reconnect interval instead of the whole ``pool_timeout``."""
@@ -126,10 +126,13 @@ class _Pool(ConnectionPool):
         super()._add_connection(attempt, growing)
 
     def _connect(self, timeout: float | None = None):
+        begun = time.monotonic()
         try:
             conn = super()._connect(timeout)
         except Exception as exc:
-            self.last_error, self.failed_at = exc, time.monotonic()
+            # Dated by its start: an attempt begun before the server came back says
+            # nothing about a caller that started waiting since.
+            self.last_error, self.failed_at = exc, begun
             raise
         self.last_error = None
         return conn
