@@ -315,13 +315,15 @@ class JobEngine:
 
     # -- queues ------------------------------------------------------------------------------------
 
-    def declare_queue(self, queue: str, arguments: dict | None = None) -> None:
+    def declare_queue(self, queue: str, arguments: dict | None = None, auto_delete: bool = False) -> None:
         """Create a queue (or mark it used). ``x-expires`` and ``x-message-ttl`` in
-        ``arguments`` (milliseconds, as AMQP has them) make it expire / its messages."""
+        ``arguments`` (milliseconds, as AMQP has them) make it expire / its messages;
+        an ``auto_delete`` queue goes once consumed and then unused for ``rescue_after``."""
         arguments = arguments or {}
         self.db.fetchall(
             "queue_declare", queue=queue, arguments=json.dumps(arguments, default=str),
             expires=_seconds(arguments, "x-expires"), message_ttl=_seconds(arguments, "x-message-ttl"),
+            auto_delete=bool(auto_delete),
         )
 
     def prune(self, rounds: int = 10, lease: float | None = None) -> dict[str, int] | None:
@@ -349,7 +351,7 @@ class JobEngine:
 
     def sweep_queues(self) -> dict[str, int]:
         """Delete expired queues and messages past their queue's TTL (see the query)."""
-        return self.db.fetchone("queues_sweep")
+        return self.db.fetchone("queues_sweep", auto_delete_after=self.db.options.rescue_after)
 
     # -- routing -------------------------------------------------------------------------------
 

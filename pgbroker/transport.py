@@ -269,7 +269,10 @@ class Channel(virtual.Channel):
         validate_name("queue", queue)
         # Every time (kombu's maybe_declare already declares once per connection): a
         # declare recreates a queue deleted elsewhere and renews its x-expires lease.
-        self.engine.declare_queue(queue, kwargs.get("arguments") or {})
+        # exclusive: kombu's Queue makes it auto_delete too; pgbroker has no per-connection
+        # ownership, so it is an auto-delete queue here.
+        self.engine.declare_queue(queue, kwargs.get("arguments") or {},
+                                  auto_delete=bool(kwargs.get("auto_delete") or kwargs.get("exclusive")))
 
     def prepare_queue_arguments(self, arguments, **kwargs):
         """Queue(expires=, message_ttl=, …) as AMQP arguments (x-expires, x-message-ttl)."""

@@ -303,7 +303,7 @@ FROM {schema}.jobs WHERE state IN ('scheduled', 'retryable');
 WITH touched AS (
     -- (SKIP LOCKED: a row a claim holds is touched at the next heartbeat, never waited
     -- for, which could deadlock with claims locking several queues in name order.)
-    UPDATE {schema}.queues SET last_used_at = now() WHERE name IN (
+    UPDATE {schema}.queues SET last_used_at = now(), consumed = true WHERE name IN (
         SELECT name FROM {schema}.queues WHERE name = ANY(%(queues)s::text[]) FOR UPDATE SKIP LOCKED)
 )
 INSERT INTO {schema}.consumers (id, hostname, pid, connections, queues)
@@ -361,11 +361,11 @@ SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM woke) AS woke;
 
 -- name: queue_declare
--- Declaring a queue again counts as using it (x-expires); its arguments are the
--- first declaration's, as a broker keeps them.
-INSERT INTO {schema}.queues (name, arguments, expires, message_ttl)
+-- Declaring a queue again counts as using it (x-expires); its arguments and flags
+-- are the first declaration's, as a broker keeps them.
+INSERT INTO {schema}.queues (name, arguments, expires, message_ttl, auto_delete)
 VALUES (%(queue)s, %(arguments)s::jsonb, make_interval(secs => %(expires)s::float8),
-        make_interval(secs => %(message_ttl)s::float8))
+        make_interval(secs => %(message_ttl)s::float8), %(auto_delete)s)
 ON CONFLICT (name) DO UPDATE SET last_used_at = now();
 
 -- name: queue_exists
@@ -715,12 +715,15 @@ WITH input AS (
 
 -- name: queues_sweep
 -- Delete queues unused for longer than their x-expires (no live consumer lists
--- them, not declared since), with their messages and bindings; and drop messages
--- older than their queue's x-message-ttl that nobody took: deleted when they are
--- not Celery tasks (events, control), discarded with the reason when they are.
+-- them, not declared since), and auto-delete queues once consumed and then unused
+-- for %(auto_delete_after)s seconds, with their messages and bindings; and drop
+-- messages older than their queue's x-message-ttl that nobody took: deleted when
+-- they are not Celery tasks (events, control), discarded with the reason when they are.
 WITH gone AS (
     DELETE FROM {schema}.queues AS q
-    WHERE q.expires IS NOT NULL AND q.last_used_at < now() - q.expires
+    WHERE (q.expires IS NOT NULL AND q.last_used_at < now() - q.expires
+           OR q.auto_delete AND q.consumed
+              AND q.last_used_at < now() - make_interval(secs => %(auto_delete_after)s::float8))
       AND NOT EXISTS (SELECT 1 FROM {schema}.consumers AS c WHERE q.name = ANY(c.queues))
     RETURNING q.name
 ), emptied AS (

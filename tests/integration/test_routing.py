@@ -143,6 +143,55 @@ def test_unused_queue_expires_with_its_messages_and_bindings(connection, sql):
     wait_for(lambda: sql("SELECT name FROM {schema}.queues") == [], timeout=15, what="the consumed queue to expire")
 
 
+def test_auto_delete_queue_of_a_killed_consumer_goes_with_its_messages(connection, broker_url,
+                                                                       transport_options, sql):
+    """Celery's Broadcast queues are auto-delete, one per worker: the queue of a worker
+    that died (SIGKILL here) goes once its consumer is gone, instead of collecting every
+    later broadcast for ever; a live one's stays, as does one never consumed."""
+    import os
+    import signal
+    import socket
+    from contextlib import suppress
+
+    from kombu.common import Broadcast
+
+    script = (
+        "import json, sys\nfrom kombu import Connection\nfrom kombu.common import Broadcast\n"
+        f"conn = Connection({broker_url!r}, transport_options=json.loads({json.dumps(transport_options)!r}))\n"
+        "with conn.Consumer(Broadcast('reload', queue='bcast.dead'), callbacks=[lambda b, m: m.ack()]):\n"
+        "    while True:\n"
+        "        conn.drain_events(timeout=None)\n"
+    )
+    dead = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True)
+    try:
+        consumed = "SELECT name FROM {schema}.queues WHERE consumed ORDER BY name"
+        Broadcast("reload", queue="bcast.idle")(connection.default_channel).declare()
+        got = []
+        with connection.Consumer(Broadcast("reload", queue="bcast.live"), callbacks=[lambda b, m: got.append(b)]):
+            wait_for(lambda: [r["name"] for r in sql(consumed)] == ["bcast.dead", "bcast.live"],
+                     timeout=30, what="both consumers' heartbeats")
+            os.killpg(dead.pid, signal.SIGKILL)
+            dead.wait(10)
+            connection.Producer().publish({"n": 1}, exchange=Exchange("reload", type="fanout"))
+            wait_for(lambda: not sql("SELECT 1 FROM {schema}.queues WHERE name = 'bcast.dead'"),
+                     timeout=30, what="the dead consumer's queue to go")
+            assert sorted(r["queue"] for r in sql("SELECT queue FROM {schema}.bindings")) == ["bcast.idle",
+                                                                                            "bcast.live"]
+            assert "bcast.dead" not in {r["queue"] for r in jobs(sql)}
+
+
+            def received():
+                with suppress(socket.timeout):
+                    connection.drain_events(timeout=0.2)
+                return got
+
+            assert wait_for(received, timeout=10, what="the live consumer's broadcast") == [{"n": 1}]
+    finally:
+        if dead.poll() is None:
+            os.killpg(dead.pid, signal.SIGKILL)
+            dead.wait(10)
+
+
 def test_message_ttl_drops_events_and_discards_tasks(connection, sql):
     ex = Exchange("ttl", type="direct")
     Queue("short-lived", ex, routing_key="k", message_ttl=0.2)(connection.default_channel).declare()

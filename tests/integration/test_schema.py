@@ -120,6 +120,7 @@ SHIPPED = {
     9: "297d805ee56ddceb",
     10: "ede08a6ac321b018",
     11: "f628c3a218bde373",
+    12: "504febc2ac0517ba",
 }
 
 
