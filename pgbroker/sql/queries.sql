@@ -369,8 +369,13 @@ VALUES (%(queue)s, %(arguments)s::jsonb, make_interval(secs => %(expires)s::floa
 ON CONFLICT (name) DO UPDATE SET last_used_at = now();
 
 -- name: queue_exists
+-- Declared, or holding messages not yet delivered (Celery's default routing publishes
+-- without declaring). Finished jobs of a deleted queue, waiting to be pruned, do not
+-- make it exist; each test reads one partial index.
 SELECT EXISTS (SELECT 1 FROM {schema}.queues WHERE name = %(queue)s)
-    OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s) AS found;
+    OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s AND state = 'available')
+    OR EXISTS (SELECT 1 FROM {schema}.jobs WHERE queue = %(queue)s AND state IN ('scheduled', 'retryable'))
+    AS found;
 
 -- name: queue_size
 -- Messages not yet delivered: available, plus scheduled/retryable ones waiting for their time.

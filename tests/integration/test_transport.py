@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 from kombu import Connection, Exchange, Queue
+from kombu.exceptions import ChannelError
 
 from pgbroker.engine import Outcome
 from pgbroker.errors import MessageTooLarge
@@ -321,6 +322,11 @@ def test_queue_size_purge_delete(connection, engine):
     assert engine.queue_size("pq") == 0
     with pytest.raises(Exception):
         channel.queue_declare("never-declared", passive=True)
+    publish(connection, "pq", "taken")
+    consume(connection, Queue("pq"), 1)  # acknowledged: its finished row waits to be pruned
+    channel.queue_delete("pq")
+    with pytest.raises(ChannelError, match="NOT_FOUND"):
+        channel.queue_declare("pq", passive=True)
 
 
 def test_enqueue_in_a_rolled_back_transaction_leaves_nothing(engine, database_url, schema, sql):
