@@ -85,8 +85,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import JobEngine
     from .errors import (ConfigurationError, DatabaseUnavailable, ForeignTransaction, InvalidJobOption,
                          InvalidMessage, InvalidName, InvalidSchedule, InvalidSnooze, InvalidState, InvalidUnique,
-                         MessageTooLarge, NotInTransaction, PermissionDenied, PgBrokerError, SchemaNotReady, TransactionError,
-                         TransactionFailed, UniqueKeyBusy)
+                         MessageTooLarge, NotInTransaction, PermissionDenied, PgBrokerError, SchemaNotReady,
+                         TransactionError, TransactionFailed, UniqueKeyBusy)
     from .task import Task
     from .schema import grant_sql, install_sql, migrate
     from .types import Job, JobState
