@@ -341,7 +341,11 @@ class WorkerHooks(bootsteps.StartStopStep):
         )
 
     def start(self, c):
-        pass
+        # A started prefork pool has its grow (Celery sets it then): processes added by
+        # --autoscale or pool_grow must take the requests waiting in the gate.
+        grow = getattr(c.pool, "grow", None)
+        if self.gate is not None and grow is not None and not getattr(grow, "pgbroker_gated", False):
+            c.pool.grow = _then(grow, self.gate.grown)
 
     def info(self, c):
         """``celery inspect stats`` → broker: Celery drops the password field but shows
@@ -399,7 +403,15 @@ class PoolGate:
 
     def finished(self) -> None:
         """A job of the pool finished (any thread)."""
-        self.consumer.call_soon(self._on_finished)
+        self._soon(self._on_finished)
+
+    def grown(self) -> None:
+        """The pool has more processes (``--autoscale``, ``pool_grow``; any thread): they
+        take waiting requests now, not when a running task finishes."""
+        self._soon(self._hand_over)
+
+    def _soon(self, fn) -> None:
+        self.consumer.call_soon(fn)
         transport = getattr(self.consumer.connection, "transport", None)
         if isinstance(transport, Transport):
             transport.interrupt()
@@ -452,6 +464,18 @@ def _reporting_success(app, apply_async, gate: PoolGate | None = None):
         return apply_async(target, args, kwargs, callback=callback, error_callback=error_callback, **options)
 
     return apply
+
+
+def _then(fn, after):
+    """``fn``, then ``after()``."""
+
+    def both(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        after()
+        return result
+
+    both.pgbroker_gated = True
+    return both
 
 
 def _once(fn):

@@ -183,6 +183,19 @@ def test_live_worker_keeps_long_running_jobs(celery_app, start_worker, sql):
     assert all(r["attempt"] == 1 for r in rows.values())
 
 
+def test_processes_added_to_the_pool_take_waiting_tasks_at_once(celery_app, start_worker, sql):
+    """pool_grow (as --autoscale does): the new process starts a prefetched task while
+    the first one still runs, instead of after it."""
+    m = celery_app
+    jobs = [m.gated.delay(f"grow{i}") for i in range(2)]
+    start_worker(pool="prefork", concurrency=1)
+    wait_for(lambda: len(effects(sql, what="started")) == 1, 30, what="one task running")
+    assert m.app.control.pool_grow(1, reply=True, timeout=10)
+    wait_for(lambda: len(effects(sql, what="started")) == 2, 30, what="the second task on the new process")
+    sql("INSERT INTO {schema}.gates VALUES (true)")
+    wait_states(sql, [j.id for j in jobs])
+
+
 def test_row_is_executing_while_task_runs(celery_app, start_worker, sql):
     job = celery_app.gated.delay("watch")
     start_worker(pool="prefork", concurrency=1)
