@@ -138,13 +138,15 @@ class Maintainer:
         rescued = self.engine.rescue(self.options.rescue_after, lease=self._rescue_interval)
         if rescued is None:
             return
-        if rescued["redelivered"] or rescued["discarded"]:
+        if rescued["redelivered"] or rescued["discarded"] or rescued["completed"]:
             logger.warning(
-                "pgbroker: rescued jobs (%d dead consumer(s)): %d redelivered, %d discarded",
-                rescued["dead"], rescued["redelivered"], rescued["discarded"],
+                "pgbroker: rescued jobs (%d dead consumer(s)): %d redelivered, %d discarded, "
+                "%d completed (their result was stored)",
+                rescued["dead"], rescued["redelivered"], rescued["discarded"], rescued["completed"],
             )
         telemetry.emit("jobs.rescued", {
             "redelivered": rescued["redelivered"], "discarded": rescued["discarded"],
+            "completed": rescued["completed"],
             "dead_consumers": rescued["dead"], "duration": time.monotonic() - started}, {"consumer": self.consumer_id})
 
     def prune(self) -> None:

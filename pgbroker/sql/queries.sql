@@ -319,8 +319,11 @@ DELETE FROM {schema}.consumers WHERE id = %(id)s;
 -- whose owner is gone: the process is dead, or (for a delivery never acknowledged)
 -- the connection that claimed it has closed. Such a job becomes available again,
 -- marked redelivered; one the worker had already acknowledged (early ack: at most
--- once) and whose process died is discarded with the reason. Jobs of live
--- connections stay theirs however long they are held.
+-- once) and whose process died is discarded with the reason, unless the task's
+-- result (pgbroker's backend, same schema) says it succeeded: its process was lost
+-- after storing the result and before the worker recorded the outcome (as when a
+-- whole process group gets SIGTERM), so it is completed. Jobs of live connections
+-- stay theirs however long they are held.
 -- Run by the leader of service 'rescue' (others see leader = false), at most
 -- %(batch)s jobs per run.
 WITH {leader}, dead AS (
@@ -328,7 +331,10 @@ WITH {leader}, dead AS (
     WHERE heartbeat_at < now() - make_interval(secs => %(after)s) AND (SELECT ok FROM leader)
     RETURNING id
 ), lost AS (
-    SELECT j.id FROM {schema}.jobs AS j
+    SELECT j.id, j.acked AND EXISTS (
+               SELECT 1 FROM {schema}.results AS r WHERE r.task_id = j.task_id AND r.state = 'SUCCESS'
+           ) AS succeeded
+    FROM {schema}.jobs AS j
     LEFT JOIN {schema}.consumers AS c ON c.id = split_part(j.attempted_by, '#', 1)
     WHERE j.state = 'executing'
       AND (c.id IS NULL
@@ -339,15 +345,17 @@ WITH {leader}, dead AS (
     FOR UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE {schema}.jobs AS j SET
-        state = CASE WHEN j.acked THEN 'discarded' ELSE 'available' END::{schema}.job_state,
-        redelivered = true, attempted_by = NULL,
-        discarded_at = CASE WHEN j.acked THEN now() END,
-        errors = j.errors || jsonb_build_array(jsonb_build_object(
+        state = CASE WHEN lost.succeeded THEN 'completed' WHEN j.acked THEN 'discarded'
+                     ELSE 'available' END::{schema}.job_state,
+        redelivered = j.redelivered OR NOT lost.succeeded, attempted_by = NULL,
+        completed_at = CASE WHEN lost.succeeded THEN now() ELSE j.completed_at END,
+        discarded_at = CASE WHEN j.acked AND NOT lost.succeeded THEN now() END,
+        errors = CASE WHEN lost.succeeded THEN j.errors ELSE j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempt, 'at', now(), 'error',
             CASE WHEN j.acked
                  THEN 'worker lost after acknowledging the message (task_acks_late=False); not redelivered'
                  ELSE 'delivery lost: ' || coalesce(j.attempted_by, '?') || ' went away; redelivered'
-            END))
+            END)) END
     FROM lost WHERE j.id = lost.id
     RETURNING j.queue, j.state
 ), woke AS (
@@ -358,6 +366,7 @@ WITH {leader}, dead AS (
 SELECT (SELECT ok FROM leader) AS leader, (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM rescued WHERE state = 'available') AS redelivered,
        (SELECT count(*) FROM rescued WHERE state = 'discarded') AS discarded,
+       (SELECT count(*) FROM rescued WHERE state = 'completed') AS completed,
        (SELECT count(*) FROM woke) AS woke;
 
 -- name: queue_declare

@@ -349,3 +349,26 @@ def test_a_revoke_for_named_workers_leaves_the_job_to_the_others(make_app, sql):
     app.control.revoke(job.id, destination=["w9@elsewhere"])
     assert sql("SELECT state::text FROM {schema}.jobs WHERE task_id = %s", job.id)[0]["state"] == "available"
     assert app.AsyncResult(job.id).state == "PENDING"
+
+
+def test_an_early_acked_job_lost_after_its_success_was_stored_is_completed(make_app, engine, sql):
+    """A process lost between storing a task's SUCCESS and the worker recording the
+    outcome (SIGTERM to the whole process group): the rescue completes its job
+    instead of discarding it, so the row does not call a finished task failed."""
+    from pgbroker.engine import Outcome
+
+    app = make_app()
+    for task_id in ("t-stored", "t-lost"):
+        app.send_task("t.any", task_id=task_id, queue="resc")
+    engine.heartbeat("host/1/dead", "host", 1, ["host/1/dead#1"])
+    claimed = engine.claim(["resc"], 2, "host/1/dead#1")
+    engine.settle([Outcome(*payload["properties"]["delivery_info"]["pgbroker_job"], "acked")
+                   for payload, _ in claimed])
+    app.backend.store_result("t-stored", 1, states.SUCCESS)
+    sql("UPDATE {schema}.consumers SET heartbeat_at = now() - interval '1 hour'")
+    rescued = engine.rescue(after=60)
+    assert (rescued["completed"], rescued["discarded"], rescued["redelivered"]) == (1, 1, 0)
+    rows = {r["task_id"]: r for r in sql("SELECT task_id, state, completed_at, errors FROM {schema}.jobs")}
+    assert rows["t-stored"]["state"] == "completed" and rows["t-stored"]["completed_at"] is not None
+    assert rows["t-stored"]["errors"] == []
+    assert rows["t-lost"]["state"] == "discarded" and "task_acks_late=False" in rows["t-lost"]["errors"][-1]["error"]
