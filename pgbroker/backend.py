@@ -333,7 +333,8 @@ class ResultBackend(KeyValueStoreBackend):
         self.url = url or conf.result_backend
         self.conninfo = conninfo_from_url(self.url)
         self.polling_interval = float(conf.get("result_polling_interval") or 1.0)
-        self._returning = threading.local()  # .part: the chord part on_chord_part_return counts
+        # .part: the chord part on_chord_part_return counts; .metas: what its join read
+        self._returning = threading.local()
         # A result must never be dropped because the database blinked: writes are retried
         # (with Celery's backoff, up to result_backend_max_retries) while it is unreachable.
         self.always_retry = True
@@ -441,10 +442,23 @@ class ResultBackend(KeyValueStoreBackend):
         index = getattr(request, "group_index", None)
         part = getattr(request, "id", None)
         self._returning.part = part if part is None or index is None else f"{part}:{index}"
+        # What the header's join read, for Celery's search of the failed part ("Dependency
+        # <id> raised …", as on Redis): it only looks at results in the backend's cache,
+        # which is off by default (result_cache_max=-1).
+        self._returning.metas = {}
         try:
             return super().on_chord_part_return(request, state, result, **kwargs)
         finally:
-            self._returning.part = None
+            self._returning.part = self._returning.metas = None
+
+    def is_cached(self, task_id):
+        return task_id in (getattr(self._returning, "metas", None) or ()) or super().is_cached(task_id)
+
+    def get_task_meta(self, task_id, cache=True):
+        joined = getattr(self._returning, "metas", None)
+        if cache and joined and task_id in joined:
+            return joined[task_id]
+        return super().get_task_meta(task_id, cache)
 
     def exception_safe_to_retry(self, exc):
         """Result writes are retried while the database is unreachable (a result is never
@@ -631,6 +645,9 @@ class ResultBackend(KeyValueStoreBackend):
                         task_id = keys[key]
                         pending.discard(task_id)
                         self._cache[task_id] = meta
+                        joined = getattr(self._returning, "metas", None)
+                        if joined is not None:  # a chord header's join (on_chord_part_return)
+                            joined[task_id] = meta
                         yield task_id, meta
                         if first_only:
                             return

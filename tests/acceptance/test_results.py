@@ -91,9 +91,12 @@ def test_chord_header_failure_surfaces(results_app, start_worker):
     """As on Redis, get() raises the failed header task's own exception, not a ChordError."""
     m = results_app
     start_worker(pool="threads")
-    result = chord([m.add.s(1, 1), m.boom.s("header failed")], m.tsum.s()).apply_async()
+    result = chord([m.add.s(1, 1), m.boom.s("header failed").set(task_id="the-culprit")], m.tsum.s()).apply_async()
     with pytest.raises(m.Boom, match="header failed"):
         result.get(timeout=60)
+    # the body's own failure names the failed part, as on Redis
+    wait_for(lambda: result.state == "FAILURE", what="the body's failure")
+    assert str(result.result) == "Dependency the-culprit raised Boom('header failed')"
     # a group chained after a failing task never runs: its get() raises that failure
     g = (m.add.s(1, 1) | m.boom.si("before the group") | group(m.add.si(1, 1), m.add.si(2, 2))).apply_async()
     with pytest.raises(m.Boom, match="before the group"):
