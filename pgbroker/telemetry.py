@@ -70,7 +70,7 @@ EVENTS: dict[str, Event] = {e.name: e for e in (
     Event("job.cancelled", "Jobs were cancelled through pgbroker.jobs.cancel (or `pgbroker jobs cancel`).",
           ("cancelled", "revoked"), ("queue", "task", "by")),
     Event("jobs.rescued", "A rescue run: jobs of dead consumers or closed connections taken back.",
-          ("redelivered", "discarded", "dead_consumers", "duration"), ("consumer",)),
+          ("redelivered", "discarded", "completed", "dead_consumers", "duration"), ("consumer",)),
     Event("jobs.pruned", "A prune run by the leader: finished jobs and beat fires deleted.",
           ("completed", "cancelled", "discarded", "fires", "duration"), ("consumer",)),
     Event("results.pruned", "A result prune run by the leader: expired results and chord counters deleted.",

@@ -23,7 +23,7 @@ CONTRACT = {
     "job.failed": (["duration"], JOB + ["worker", "error"]),
     "job.discarded": ([], JOB + ["reason"]),
     "job.cancelled": (["cancelled", "revoked"], ["queue", "task", "by"]),
-    "jobs.rescued": (["redelivered", "discarded", "dead_consumers", "duration"], ["consumer"]),
+    "jobs.rescued": (["redelivered", "discarded", "completed", "dead_consumers", "duration"], ["consumer"]),
     "jobs.pruned": (["completed", "cancelled", "discarded", "fires", "duration"], ["consumer"]),
     "results.pruned": (["results", "counters", "duration"], ["schema"]),
     "beat.fired": (["lateness"], ["entry", "task", "task_id", "fire_at"]),
