@@ -406,17 +406,23 @@ class ResultBackend(KeyValueStoreBackend):
 
     def incr(self, key):
         """Celery's atomic counter. For the chord part being returned (Celery counts it
-        with ``incr``), a part counted already, delivered again after a lost worker,
-        returns 0: it neither completes the chord early nor runs its callback twice (as
-        Celery's Redis backend counts a part once)."""
+        with ``incr``), a part counted already, delivered again after a lost worker, is
+        not counted again: it neither completes the chord early nor runs its callback
+        twice (as Celery's Redis backend counts a part once). It returns the count as it
+        stands, so that a chord counted complete whose callback was never sent (the
+        process that counted the last part was lost first) is completed by this delivery."""
         part = getattr(self._returning, "part", None)
         if part is None:
             return self.db.fetchone("counter_incr", key=bytes_to_str(key))["value"]
         row = self.db.fetchone("chord_part_count", key=bytes_to_str(key), part=part, expires=self.expires or None)
-        if row is None:
-            logger.warning("pgbroker: chord part %s returned again (a duplicate delivery); counted once", part)
-            return 0
-        return row["value"]
+        if row is not None:
+            return row["value"]
+        logger.warning("pgbroker: chord part %s returned again (a duplicate delivery); counted once", part)
+        # The counter goes once the callback is sent (Celery deletes it then). Still there
+        # and complete, it means whoever counted the last part was lost before sending the
+        # callback: its value lets this delivery complete the chord, or nobody ever would.
+        counter = self.db.fetchone("chord_counter_get", key=bytes_to_str(key))
+        return counter["value"] if counter else 0
 
     def expire(self, key, value):
         """Celery passes 0 for "never" (``result_expires=None`` or 0)."""

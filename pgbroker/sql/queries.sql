@@ -603,6 +603,9 @@ ON CONFLICT (key) DO UPDATE SET size = excluded.size;
 -- name: chord_size_get
 SELECT size FROM {schema}.counters WHERE key = %(key)s;
 
+-- name: chord_counter_get
+SELECT value FROM {schema}.counters WHERE key = %(key)s;
+
 -- name: chords_counted_here
 -- Whether any of these chord counters is in this schema (its chord's backend is pgbroker here).
 SELECT EXISTS (SELECT FROM {schema}.counters WHERE key = ANY(%(keys)s)) AS found;

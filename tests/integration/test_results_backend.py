@@ -272,6 +272,37 @@ def test_a_chord_part_returning_twice_counts_once(make_app, sql):
     assert sql("SELECT count(*) AS n FROM {schema}.jobs WHERE task_id = 'body-2'")[0]["n"] == 1
 
 
+def test_a_chord_counted_complete_by_a_lost_process_is_completed_by_the_redelivery(make_app, sql):
+    """The process that counted the last part is killed before it sends the callback
+    (acks_late: that part is delivered again): the redelivery sends it, once."""
+    from celery.app.task import Context
+    from celery.result import GroupResult
+
+    app = make_app()
+    backend = app.backend
+    body = app.signature("tests.chord.body", options={"task_id": "body-lost"})
+    GroupResult("g-lost", [app.AsyncResult("q-1"), app.AsyncResult("q-2")], app=app).save()
+    backend.set_chord_size("g-lost", 2)
+
+    def part_returns(task_id):
+        backend.store_result(task_id, task_id, states.SUCCESS)
+        backend.on_chord_part_return(Context(id=task_id, group="g-lost", chord=dict(body)), states.SUCCESS, task_id)
+
+    part_returns("q-1")
+    backend.store_result("q-2", "q-2", states.SUCCESS)  # the last part runs, is counted, and its process dies
+    backend._returning.part = "q-2"
+    try:
+        assert backend.incr(backend.get_key_for_chord("g-lost")) == 2
+    finally:
+        backend._returning.part = None
+    callbacks = "SELECT count(*) AS n FROM {schema}.jobs WHERE task_id = 'body-lost'"
+    assert sql(callbacks)[0]["n"] == 0
+    part_returns("q-2")  # delivered again
+    assert sql(callbacks)[0]["n"] == 1
+    part_returns("q-2")  # and again, after the chord completed: no second callback
+    assert sql(callbacks)[0]["n"] == 1
+
+
 def test_an_idle_process_stops_listening_until_its_next_get(make_app, transport_options, sql, schema):
     """Every NOTIFY wakes every listening connection of the database: with nobody waiting
     for result_listener_idle seconds, the process closes its LISTEN connection; the next
