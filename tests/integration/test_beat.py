@@ -208,7 +208,9 @@ def test_a_beat_started_while_the_database_is_down_waits_for_it(app, broker_url,
     proxy = TcpProxy.in_front_of(database_url)
     proxy.cut()
     down = Celery("beat-down", broker=proxy.route(broker_url), set_as_current=False)
-    down.conf.update(broker_transport_options={**app.conf.broker_transport_options, "pool_timeout": 1.0},
+    # pool_timeout above the pool's reconnect interval (at most 1 s): the tick after the
+    # restore may wait for the next attempt (the one while cut fails at once).
+    down.conf.update(broker_transport_options={**app.conf.broker_transport_options, "pool_timeout": 3.0},
                      beat_schedule={"minutely": {"task": TASK, "schedule": 60.0}}, result_expires=None)
     s = None
     try:
