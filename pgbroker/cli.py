@@ -51,18 +51,10 @@ def _commands(get_url, get_beat_url=None):
     @_failing_cleanly
     def migrate(ctx, schema, target):
         """Apply pgbroker's schema migrations (idempotent, safe to run concurrently)."""
-        import psycopg
-
         from .schema import LATEST, current_version, migrate as run
 
         with _connect(get_url(ctx), schema) as conn:
-            try:
-                applied = run(conn, schema, target)
-            except psycopg.errors.InsufficientPrivilege as exc:
-                raise click.ClickException(
-                    f"{str(exc).strip()}: creating or upgrading schema {schema} needs its owner "
-                    "(or CREATE on the database the first time); run migrate as that role"
-                ) from None
+            applied = run(conn, schema, target)
             version = current_version(conn, schema)
         click.echo(f"schema {schema}: applied {applied or 'nothing'}; now at version {version} (latest {LATEST})")
 

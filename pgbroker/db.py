@@ -242,15 +242,6 @@ class Database:
                         logger.info("pgbroker: applied migrations %s to %s", applied, self.safe_url)
             self._ready = True
 
-    def _denied(self, exc: psycopg.Error) -> PermissionDenied:
-        role = conninfo_to_dict(self.conninfo).get("user") or os.environ.get("PGUSER") or "this role"
-        schema = self.options.schema
-        return PermissionDenied(
-            f"{role} may not use schema {schema!r} in {self.safe_url} ({str(exc).strip()}): "
-            f"run `pgbroker migrate --schema {schema}` as the schema's owner, then "
-            f"`pgbroker grant --schema {schema} {role}` (README: Roles and grants)"
-        )
-
     # -- statements ----------------------------------------------------------------------------
 
     @contextmanager
@@ -267,7 +258,8 @@ class Database:
         except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable):
             raise  # a statement or lock timeout, or a cancel: the statement's fate, not an outage
         except psycopg.errors.InsufficientPrivilege as exc:
-            raise self._denied(exc) from exc
+            role = conninfo_to_dict(self.conninfo).get("user") or os.environ.get("PGUSER") or "this role"
+            raise PermissionDenied.of(exc, role, self.options.schema, f" in {self.safe_url}") from exc
         except psycopg.OperationalError as exc:
             # After a server restart every idle pooled connection is dead: replace them
             # now so that the caller's retry (kombu's, Celery's) gets a working one.

@@ -87,6 +87,15 @@ class PermissionDenied(PgBrokerError):
     never granted its use (``pgbroker grant ROLE``), or one left to migrate a schema it
     cannot create in (run ``pgbroker migrate`` as the schema's owner)."""
 
+    @classmethod
+    def of(cls, exc: Exception, role: str, schema: str, where: str = "") -> "PermissionDenied":
+        """The error for the server's refusal ``exc``, saying what to run."""
+        return cls(
+            f"{role} may not use schema {schema!r}{where} ({str(exc).strip()}): creating or upgrading it needs "
+            f"its owner, using it a grant: run `pgbroker migrate --schema {schema}` as the schema's owner, then "
+            f"`pgbroker grant --schema {schema} {role}` (README: Roles and grants)"
+        )
+
 
 class TransactionError(PgBrokerError):
     """Publishing inside a caller's transaction (``pgbroker.atomic``) is not possible."""

@@ -29,8 +29,8 @@ from .engine import _KEEP, JobEngine, engine_for
 from .errors import InvalidJobOption
 from .types import Job
 
-__all__ = ["get", "get_many", "list", "count", "retry", "cancel", "Cancelled", "queues", "pause", "resume", "limit", "status",
-           "parse_rate"]
+__all__ = ["get", "get_many", "list", "count", "retry", "cancel", "Cancelled", "queues", "pause", "resume", "limit",
+           "status", "parse_rate"]
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([smhd])\s*$")

@@ -14,9 +14,10 @@ from functools import cache
 from importlib.resources import files
 
 import psycopg
+from psycopg import sql
 
 from ..config import validate_schema
-from ..errors import InvalidName
+from ..errors import InvalidName, PermissionDenied
 
 _FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -91,19 +92,14 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT EXECUTE ON FUNCTIONS TO {role}
 """
 
 
-def quote_ident(name: str) -> str:
-    """``name`` as a quoted SQL identifier (any role name Postgres accepts)."""
-    if not name or "\x00" in name:
-        raise InvalidName(f"invalid role name {name!r}")
-    return '"' + name.replace('"', '""') + '"'
-
-
 def grant_sql(schema: str, role: str) -> str:
     """What ``role`` needs to run producers, workers, beat and the job API on ``schema``
     (no DDL: it cannot create or migrate the schema). Run it as the schema's owner, the
     role that runs ``pgbroker migrate``: its default privileges then cover the tables
     that later migrations add."""
-    return render(_GRANTS, schema).replace("{role}", quote_ident(role))
+    if not role:
+        raise InvalidName("a role name is needed")
+    return render(_GRANTS, schema).replace("{role}", sql.Identifier(role).as_string(None))
 
 
 def current_version(conn: psycopg.Connection, schema: str) -> int:
@@ -118,8 +114,15 @@ def migrate(conn: psycopg.Connection, schema: str = "pgbroker", target: int | No
     ``pg_advisory_xact_lock`` keyed by the schema so that only one process migrates.
     A schema that is already up to date is only read: a role that may use the schema
     but not create in the database (see :func:`grant_sql`) can run this on every deploy.
+    A role that may not do what is needed gets :class:`PermissionDenied`.
     """
-    wanted = [m for m in migrations() if target is None or m.version <= target]
+    try:
+        return _migrate(conn, schema, [m for m in migrations() if target is None or m.version <= target])
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise PermissionDenied.of(exc, conn.info.user, schema) from exc
+
+
+def _migrate(conn: psycopg.Connection, schema: str, wanted: list[Migration]) -> list[int]:
     if {m.version for m in wanted} <= applied_versions(conn, schema):
         return []
     applied: list[int] = []
